@@ -1,0 +1,270 @@
+"""What cl_captioning.py and coder_retrieval.py share: vocabulary, feature/caption IO in the
+standard precomputed layout, checkpoint files, torchrun detection, and the toy world that lets
+everything run offline.
+
+The precomputed layout (SCAN / VSE-infinity and their successors):
+    {root}/{split}_ims.npy   float32 (N, R, D) region features, one row per image
+    {split}_caps.txt         one caption a line, 5 consecutive lines per image (image = line // 5)
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CAPS_PER_IMAGE = 5
+HERE = Path(__file__).resolve().parent
+
+
+class DataError(Exception):
+    """A problem the user can fix (missing file, wrong shape, wrong checkpoint); one sentence."""
+
+
+# --- Vocabulary -----------------------------------------------------------------------------
+
+def tokenize(text):
+    """Lowercase alphabetic tokens, as both papers preprocess captions."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+class Vocab:
+    def __init__(self, itos):
+        self.itos = list(itos)
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, token_lists, min_count=5):
+        """Words seen fewer than `min_count` times become <unk>; ids ordered by count, then word."""
+        counts = Counter(word for tokens in token_lists for word in tokens)
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(SPECIALS + kept)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def __eq__(self, other):
+        return isinstance(other, Vocab) and self.itos == other.itos
+
+    def encode(self, tokens, max_len):
+        """Word ids then <eos>, cut so that <eos> fits in max_len, padded with <pad>. No <bos>."""
+        ids = [self.stoi.get(word, UNK) for word in tokens[: max_len - 1]] + [EOS]
+        return ids + [PAD] * (max_len - len(ids))
+
+    def encode_batch(self, texts, max_len):
+        return np.array([self.encode(tokenize(t), max_len) for t in texts], dtype=np.int64).reshape(-1, max_len)
+
+    def decode(self, ids):
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == EOS:
+                break
+            if i not in (PAD, BOS):
+                words.append(self.itos[i])
+        return " ".join(words)
+
+    def to_dict(self):
+        return {"itos": self.itos}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["itos"])
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# --- Features and captions in the precomputed layout ----------------------------------------
+
+WHERE_DATA_COMES_FROM = ("use --dataset toy, or download the precomputed bottom-up features "
+                         "(e.g. SCAN's data.zip with f30k_precomp/ and coco_precomp/) and pass --data-root")
+
+
+def load_split(root, split):
+    """Region features as a memory map (COCO train is ~33 GB: never read it whole) and captions."""
+    root = Path(root)
+    ims_path, caps_path = root / f"{split}_ims.npy", root / f"{split}_caps.txt"
+    for path in (ims_path, caps_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found; {WHERE_DATA_COMES_FROM}")
+    try:
+        features = np.load(ims_path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{ims_path} is not a readable .npy file ({e})")
+    if features.ndim != 3 or features.dtype.kind != "f":
+        raise DataError(f"{ims_path} must hold float region features shaped (images, regions, dim), "
+                        f"got {features.dtype} {features.shape}")
+    captions = caps_path.read_text(encoding="utf-8").splitlines()
+    if len(captions) != CAPS_PER_IMAGE * len(features):
+        raise DataError(f"{caps_path} has {len(captions)} captions for {len(features)} images in "
+                        f"{ims_path.name}; the layout needs exactly {CAPS_PER_IMAGE} per image")
+    return features, captions
+
+
+def prepare_data(dataset, data_root=None):
+    """The folder holding `dataset`; the toy world is generated there on first use."""
+    defaults = {"toy": "data/toy", "coco": "data/coco_precomp", "flickr30k": "data/f30k_precomp"}
+    if dataset not in defaults:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(defaults)}")
+    root = Path(data_root) if data_root else HERE / defaults[dataset]
+    if dataset == "toy" and not root.exists():
+        print(f"building the toy world in {root} ...")
+        building = root.with_name(f"{root.name}.building-{os.getpid()}")
+        make_toy_world(building)
+        try:  # build aside, then rename: two scripts started at once never see half a world
+            os.rename(building, root)
+        except OSError:
+            shutil.rmtree(building)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} not found; {WHERE_DATA_COMES_FROM}")
+    return root
+
+
+# --- Checkpoints and torchrun ---------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: an interrupted save never leaves a broken file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__})")
+
+
+def init_distributed():
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) for a plain run."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+# --- The toy world ---------------------------------------------------------------------------
+# A small synthetic world in the real layout, built so that the papers' effects can show:
+# skewed object frequencies, captions of varying specificity (generic ones shared by many images,
+# detailed ones that identify the image), and region features that carry what the captions say.
+
+CATEGORIES = [  # (nouns used interchangeably in captions), in Zipf order: the first dominate
+    ("man", "guy"), ("dog", "puppy"), ("woman", "lady"), ("cat", "kitten"), ("car",),
+    ("table",), ("horse", "pony"), ("bird",), ("bus",), ("bicycle", "bike"), ("boat",),
+    ("chair",), ("ball",), ("umbrella",), ("kite",), ("bench",), ("cake",), ("clock",),
+    ("train",), ("sheep",), ("cow",), ("elephant",), ("pizza",), ("truck",),
+]
+PEOPLE = {"man", "guy", "woman", "lady"}
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange"]
+SIZES = [("small", "little"), ("large", "big")]
+POSITIONS = ["on the left", "on the right", "in the middle"]
+PLACES = [("on the grass", "in a field"), ("on the beach", "by the sea"), ("on the street", "on a road"),
+          ("in a kitchen",), ("in a park",), ("in the snow",), ("in a room", "indoors"), ("near the water",)]
+RELATIONS = ["near", "beside", "with", "by"]  # one word each: captions stay within 16 words
+PREFIXES = ["", "", "a photo of ", "there is "]
+LEVELS = [0, 0, 1, 2, 3]  # specificity of the 5 captions of an image
+
+
+def _a(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _describe(obj, rng, colour=True, size=False):
+    """'a small red kite'; people wear the colour: 'a small man in red'."""
+    noun = rng.choice(CATEGORIES[obj["category"]])
+    words = [rng.choice(SIZES[obj["size"]])] if size else []
+    if noun in PEOPLE:
+        return _a(" ".join(words + [noun])) + (f" in {COLOURS[obj['colour']]}" if colour else "")
+    return _a(" ".join(words + ([COLOURS[obj["colour"]]] if colour else []) + [noun]))
+
+
+def _caption(scene, level, rng):
+    """Level 0 names the main object and the place; 1 adds its colour; 2 the second object and
+    its colour; 3 also the main object's size and a third object (alone: its position)."""
+    main, others = scene["objects"][0], scene["objects"][1:]
+    place = rng.choice(PLACES[scene["place"]])
+    if level == 0:
+        return rng.choice(PREFIXES) + f"{_describe(main, rng, colour=False)} {place}"
+    if level == 1 or (level == 2 and not others):
+        return rng.choice(PREFIXES) + f"{_describe(main, rng)} {place}"
+    text = _describe(main, rng, size=level == 3)
+    if level == 3 and not others:
+        text += " " + POSITIONS[main["position"]]
+    if others:
+        text += f" {rng.choice(RELATIONS)} {_describe(others[0], rng)}"
+    if level == 3 and len(others) >= 2:
+        text += f" and {_describe(others[1], rng, colour=False)}"
+    return f"{text} {place}"
+
+
+def _scene(rng):
+    zipf = 1.0 / np.arange(1, len(CATEGORIES) + 1)
+    n_objects = rng.choice([1, 2, 3, 4], p=[0.2, 0.4, 0.25, 0.15])
+    categories = rng.choice(len(CATEGORIES), size=n_objects, replace=False, p=zipf / zipf.sum())
+    objects = [{"category": int(c), "colour": int(rng.integers(len(COLOURS))),
+                "size": int(rng.integers(len(SIZES))), "position": int(rng.integers(len(POSITIONS)))}
+               for c in categories]
+    return {"objects": objects, "place": int(rng.integers(len(PLACES)))}
+
+
+def _regions(scene, directions, rng, regions, dim, noise=0.6):
+    """The main object gives 3 jittered detector boxes, stronger ones, the others 1-2 each (the
+    main object is the salient one, which captions name first); the rest are place and clutter."""
+    rows = []
+    for k, obj in enumerate(scene["objects"]):
+        signal = (directions["category"][obj["category"]] + 0.6 * directions["colour"][obj["colour"]]
+                  + 0.4 * directions["size"][obj["size"]] + 0.4 * directions["position"][obj["position"]])
+        boxes, strength = (3, 1.3) if k == 0 else (rng.integers(1, 3), 1.0)
+        rows += [signal * strength * rng.uniform(0.8, 1.2) for _ in range(boxes)]
+    rows = rows[: regions - 2]  # at least two boxes of background
+    rows += [directions["place"][scene["place"]]] * ((regions - len(rows) + 1) // 2)
+    clutter = 0.5 * rng.standard_normal((regions - len(rows), dim)) / np.sqrt(dim)
+    features = np.concatenate([np.stack(rows), clutter])
+    features += noise * rng.standard_normal((regions, dim)) / np.sqrt(dim)
+    # bottom-up features are post-ReLU; detector order carries no meaning
+    return np.maximum(features, 0)[rng.permutation(regions)]
+
+
+def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12, dim=128):
+    """Write train/dev/test of the toy world to `root` in the precomputed layout, plus
+    {split}_scenes.json (each image's scene and its captions' specificity levels)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def unit_rows(n):
+        rows = rng.standard_normal((n, dim))
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    directions = {"category": unit_rows(len(CATEGORIES)), "colour": unit_rows(len(COLOURS)),
+                  "size": unit_rows(len(SIZES)), "position": unit_rows(len(POSITIONS)),
+                  "place": unit_rows(len(PLACES))}
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        scenes = [_scene(rng) for _ in range(n)]
+        features = np.stack([_regions(s, directions, rng, regions, dim) for s in scenes]).astype(np.float32)
+        captions = []
+        for scene in scenes:
+            scene["levels"] = [int(level) for level in rng.permutation(LEVELS)]
+            captions += [_caption(scene, level, rng) for level in scene["levels"]]
+        np.save(root / f"{split}_ims.npy", features)
+        (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+        (root / f"{split}_scenes.json").write_text(json.dumps(scenes))
