@@ -1,0 +1,334 @@
+"""Tests for cl_captioning.py: each equation against an independent numpy or brute-force computation,
+then the command line end to end on a tiny toy world."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cl_captioning as cl
+from common import BOS, EOS, PAD, Vocab, load_checkpoint, load_split, make_toy_world, tokenize
+
+HERE = Path(__file__).resolve().parent
+VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
+
+
+def tiny_model(kind, seed=0, eos_bias=1.0):
+    torch.manual_seed(seed)
+    model = cl.CAPTIONERS[kind](VOCAB_SIZE, FEAT_DIM, rnn_size=8, emb_size=8, dropout=0.5)
+    for p in model.parameters():  # larger weights than the default init: peaked, image-dependent outputs
+        torch.nn.init.uniform_(p, -1.0, 1.0)
+    classifier = model.classifier if kind == "showtell" else model.W_p
+    with torch.no_grad():
+        classifier.bias[EOS] += eos_bias  # higher: captions end sooner
+    return model.eval()
+
+
+def tiny_feats(n, seed=1):
+    return torch.rand(n, REGIONS, FEAT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def step_by_step_log_prob(model, feats, caption):
+    """Brute force: one image, one word at a time through model.step, up to and including <eos>."""
+    memory = model.encode(feats[None])
+    state = model.init_state(memory)
+    word, total = torch.tensor([BOS]), 0.0
+    for token in caption:
+        log_probs, state = model.step(memory, word, state)
+        total += log_probs[0, token].item()
+        if token == EOS:
+            break
+        word = torch.tensor([token])
+    return total
+
+
+# --- Contrastive loss (Eq. 7-10) -------------------------------------------------------------------
+
+def numpy_cl_loss(tp, rp, tn, rn, nu, terms="both"):
+    """-J of Eq. 10 written as in the paper: r_nu(z) = 1 / (1 + nu exp(-z)), sums over t and k."""
+    r = lambda z: 1.0 / (1.0 + nu * np.exp(-z))
+    K, T_m = tn.shape[0], tp.shape[0]
+    J = 0.0
+    for k in range(K):
+        L = 0.0
+        if terms in ("both", "pos"):
+            L += sum(np.log(r(tp[t] - rp[t])) for t in range(T_m))
+        if terms in ("both", "neg"):
+            L += sum(np.log(1 - r(tn[k, t] - rn[k, t])) for t in range(T_m))
+        J += L
+    return -J / (K * T_m)
+
+
+CASE = dict(tp=np.array([-3.0, -5.0, -2.5]), rp=np.array([-3.5, -4.0, -2.5]),
+            tn=np.array([[-9.0, -7.0, -6.0], [-8.0, -6.5, -4.0]]), rn=np.array([[-8.0, -7.5, -6.0], [-9.0, -6.0, -5.0]]))
+
+
+def cl_loss_of(case, nu=1.0, terms="both"):
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in case.items()}
+    return cl.cl_loss(t["tp"], t["rp"], t["tn"], t["rn"], nu=nu, terms=terms).item()
+
+
+def test_cl_loss_matches_numpy_hand_computation():
+    assert cl_loss_of(CASE) == pytest.approx(numpy_cl_loss(**CASE, nu=1.0), abs=1e-12)
+
+
+def test_cl_loss_with_nu_other_than_one():
+    for nu in (0.25, 3.0):
+        assert cl_loss_of(CASE, nu=nu) == pytest.approx(numpy_cl_loss(**CASE, nu=nu), abs=1e-12)
+    assert cl_loss_of(CASE, nu=3.0) != pytest.approx(cl_loss_of(CASE, nu=1.0))
+
+
+def test_cl_terms_pos_and_neg_drop_the_other_term():
+    pos, neg, both = (cl_loss_of(CASE, terms=t) for t in ("pos", "neg", "both"))
+    assert pos == pytest.approx(numpy_cl_loss(**CASE, nu=1.0, terms="pos"), abs=1e-12)
+    assert neg == pytest.approx(numpy_cl_loss(**CASE, nu=1.0, terms="neg"), abs=1e-12)
+    assert pos + neg == pytest.approx(both, abs=1e-12)
+    changed = dict(CASE, tn=CASE["tn"] - 5.0)  # negatives do not enter CL(P); positives not CL(N)
+    assert cl_loss_of(changed, terms="pos") == pos
+    assert cl_loss_of(dict(CASE, tp=CASE["tp"] + 5.0), terms="neg") == neg
+
+
+def test_cl_gradient_is_not_zero_when_target_equals_reference():
+    """Sec. 4.3, point 1: at G = 0, dJ/dlog p_m = 1/2 per positive and -1/2 per negative (/ T_m, / K T_m)."""
+    tp = torch.tensor(CASE["tp"], requires_grad=True)
+    tn = torch.tensor(CASE["tn"], requires_grad=True)
+    cl.cl_loss(tp, tp.detach(), tn, tn.detach()).backward()
+    K, T_m = tn.shape[0], tp.shape[0]
+    assert torch.allclose(tp.grad, torch.full_like(tp, -0.5 / T_m))
+    assert torch.allclose(tn.grad, torch.full_like(tn, 0.5 / (K * T_m)))
+    # and through real models: a target identical to its reference still moves
+    target, reference = tiny_model("showtell"), tiny_model("showtell")
+    feats, pos = tiny_feats(2), torch.randint(4, VOCAB_SIZE, (10, 5))
+    neg = torch.randint(4, VOCAB_SIZE, (3, 10, 5))
+    cl.cl_loss(*cl.contrastive_log_probs(target, reference, feats, pos, neg)).backward()
+    assert sum(p.grad.abs().sum() for p in target.parameters()) > 0
+    assert all(p.grad is None for p in reference.parameters())
+
+
+def test_cl_loss_is_finite_for_very_small_log_probs():
+    tp = torch.tensor([-1e4, -2.0], requires_grad=True)
+    tn = torch.tensor([[-2.0, -1e4]], requires_grad=True)
+    loss = cl.cl_loss(tp, torch.tensor([-1.0, -1e4]), tn, torch.tensor([[-1e4, -1.0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(tp.grad).all() and torch.isfinite(tn.grad).all()
+    # G_pos = (-9999, 9998), G_neg = (9998, -9999); -log sigmoid(-x) = x for large x, ~0 for -x
+    assert loss.item() == pytest.approx((9999 + 0) / 2 + (9998 + 0) / 2, rel=1e-6)
+
+
+def test_contrastive_log_probs_are_the_per_pair_log_probs():
+    """The one batched forward pairs caption i of image b (and its K negatives) with image b."""
+    target, reference = tiny_model("adaatt", 0), tiny_model("showtell", 1)  # different architectures
+    feats = tiny_feats(2)
+    pos = torch.randint(4, VOCAB_SIZE, (10, 6))
+    pos[:, 3] = EOS
+    neg = torch.randint(4, VOCAB_SIZE, (2, 10, 6))
+    tp, rp, tn, rn = cl.contrastive_log_probs(target, reference, feats, pos, neg)
+    for i in range(10):
+        image = feats[i // 5]
+        assert tp[i].item() == pytest.approx(step_by_step_log_prob(target, image, pos[i].tolist()), abs=1e-4)
+        assert rp[i].item() == pytest.approx(step_by_step_log_prob(reference, image, pos[i].tolist()), abs=1e-4)
+        for k in range(2):
+            assert tn[k, i].item() == pytest.approx(step_by_step_log_prob(target, image, neg[k, i].tolist()), abs=1e-4)
+            assert rn[k, i].item() == pytest.approx(step_by_step_log_prob(reference, image, neg[k, i].tolist()), abs=1e-4)
+    assert not rp.requires_grad and tp.requires_grad
+
+
+# --- Captioners: log p(c|I) and decoding ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_log_prob_is_sum_of_word_log_probs_including_eos(kind):
+    model, feats = tiny_model(kind), tiny_feats(3)
+    captions = torch.tensor([[5, 6, 7, EOS, PAD, PAD], [8, EOS, PAD, PAD, PAD, PAD], [4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        got = model.log_prob(feats, captions)
+    for i in range(3):
+        expected = step_by_step_log_prob(model, feats[i], captions[i].tolist())
+        assert got[i].item() == pytest.approx(expected, abs=1e-4)
+    without_eos = step_by_step_log_prob(model, feats[0], [5, 6, 7])
+    assert got[0].item() < without_eos - 1e-3  # <eos> contributes its (negative) log-prob
+
+
+SWEEP = [(seed, eos_bias) for seed in range(3) for eos_bias in (0.5, 1.5, 2.5)]  # short, long, unfinished
+
+
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_log_prob_equals_the_log_prob_accumulated_by_greedy_decoding(kind):
+    lengths = set()
+    for seed, eos_bias in SWEEP:
+        model, feats = tiny_model(kind, seed, eos_bias), tiny_feats(6, seed)
+        with torch.no_grad():
+            captions, accumulated = model.greedy(feats, max_len=8)
+            assert torch.allclose(model.log_prob(feats, captions), accumulated, atol=1e-4)
+        lengths |= set(cl.caption_mask(captions).sum(1).tolist())
+    assert len(lengths) >= 3 and 8 in lengths  # the sweep has finished captions of several lengths and unfinished ones
+
+
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_padding_after_eos_changes_nothing(kind):
+    model, feats = tiny_model(kind), tiny_feats(2)
+    captions = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
+    garbage = torch.tensor([[5, 6, EOS, 9, 4, 11, 3], [7, EOS, 8, 8, 8, 8, 8]])
+    with torch.no_grad():
+        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, garbage), atol=1e-6)
+        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, captions[:, :3]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_beam_size_one_equals_greedy(kind):
+    for seed, eos_bias in SWEEP:
+        model, feats = tiny_model(kind, seed, eos_bias), tiny_feats(6, seed)
+        with torch.no_grad():
+            greedy, greedy_scores = model.greedy(feats, max_len=8)
+            beam, beam_scores = model.beam_search(feats, beam_size=1, max_len=8)
+        assert torch.equal(greedy, beam)
+        assert torch.allclose(greedy_scores, beam_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_larger_beam_never_scores_below_greedy(kind):
+    better = 0
+    for seed, eos_bias in SWEEP:
+        model, feats = tiny_model(kind, seed, eos_bias), tiny_feats(6, seed)
+        with torch.no_grad():
+            _, greedy_scores = model.greedy(feats, max_len=8)
+            for k in (2, 4):
+                captions, scores = model.beam_search(feats, beam_size=k, max_len=8)
+                assert (scores >= greedy_scores - 1e-5).all()
+                assert torch.allclose(model.log_prob(feats, captions), scores, atol=1e-4)
+                assert not ((captions == PAD) | (captions == BOS))[:, 0].any()
+                better += int((scores > greedy_scores + 1e-3).sum())
+    assert better > 0  # the beam does find better captions somewhere in the sweep
+
+
+# --- Negatives and self-retrieval -----------------------------------------------------------------
+
+def test_negative_sampling_never_returns_the_same_image():
+    rng = np.random.default_rng(0)
+    image_ids = np.array([0, 3, 4, 6])
+    negatives = cl.sample_negatives(image_ids, n_images=7, K=500, rng=rng)
+    assert negatives.shape == (500, 4)
+    assert (negatives != image_ids[None]).all()
+    assert ((negatives >= 0) & (negatives < 7)).all()
+    for b, image in enumerate(image_ids):  # every other image of the split can be drawn
+        assert set(negatives[:, b]) == set(range(7)) - {image}
+    assert (cl.sample_negatives(np.array([0, 1]), 2, 5, rng) == np.array([1, 0])).all()
+
+
+def test_self_retrieval_recall_on_known_ranks():
+    # caption t's own image (the diagonal) is beaten by exactly t other images: ranks 0, 1, 2, 3
+    logp = np.array([[0.0, -1.0, -2.0, -3.0],
+                     [0.5, 0.0, -2.0, -3.0],
+                     [0.5, 0.6, 0.0, -3.0],
+                     [0.1, 0.2, 0.3, 0.0]])
+    recall = cl.self_retrieval_recall(logp, ks=(1, 2, 3, 500))
+    assert recall == {"R@1": 25.0, "R@2": 50.0, "R@3": 75.0, "R@500": 100.0}
+
+
+def test_retrieval_log_probs_match_one_pair_at_a_time():
+    model, feats = tiny_model("adaatt"), tiny_feats(5)
+    captions = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, EOS], [4, EOS, PAD, PAD], [6, 6, EOS, PAD], [9, EOS, PAD, PAD]])
+    logp = cl.retrieval_log_probs(model, feats.numpy(), np.arange(5), captions, "cpu", pairs_per_forward=7)
+    for t in range(5):
+        for j in range(5):
+            assert logp[t, j].item() == pytest.approx(step_by_step_log_prob(model, feats[j], captions[t].tolist()), abs=1e-4)
+
+
+def test_caption_metrics_equal_pycocoevalcap_called_by_hand():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    references = [["a dog on the grass", "a puppy in a field"], ["a red bus on the street", "a bus on a road"],
+                  ["a man in blue near a kite", "a guy with a kite on the beach"]]
+    candidates = ["a dog on the grass", "a bus on the road", "a man on the beach"]
+    gts = {0: references[0], 1: references[1], 2: references[2]}
+    res = {0: [candidates[0]], 1: [candidates[1]], 2: [candidates[2]]}
+    got = cl.caption_metrics(references, candidates, meteor=shutil.which("java") is not None)
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu)
+    assert got["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0])
+    assert got["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    if shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+        assert got["METEOR"] == pytest.approx(Meteor().compute_score(gts, res)[0])
+
+
+# --- End to end on a tiny toy world ----------------------------------------------------------------
+
+TINY = ["--rnn-size", "16", "--emb-size", "16", "--batch-images", "5", "--val-retrieval-images", "0",
+        "--retrieval-images", "10", "--examples", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_world(root, n_train=60, n_dev=10, n_test=10, regions=4, dim=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mle_checkpoint(world):
+    out = world.parent / "mle"
+    cl.main(["--data-root", str(world), "--out-dir", str(out), "--epochs", "8", "--lr", "1e-2"] + TINY)
+    return out / "best.pt"
+
+
+def train_nll(path, world):
+    """Per-word negative log-likelihood (Eq. 1) of the training captions, dropout off."""
+    features, text = load_split(world, "train")
+    vocab = Vocab.build((tokenize(c) for c in text), 5)
+    model, _ = cl.load_captioner(path, vocab, features.shape[2], "cpu", "toy")
+    captions = torch.from_numpy(cl.encode_captions(vocab, text, 16).reshape(len(text), -1))
+    with torch.no_grad():
+        log_probs = model.eval().log_prob_encoded(model.encode(torch.from_numpy(np.array(features))), captions,
+                                                  torch.arange(len(features)).repeat_interleave(5))
+    return cl.mle_loss(log_probs, captions).item(), len(vocab)
+
+
+def test_mle_training_lowers_the_loss(mle_checkpoint, world):
+    nll, vocab_size = train_nll(mle_checkpoint, world)
+    assert nll < 0.7 * np.log(vocab_size)  # an untrained model sits near ln V per word
+    ckpt = load_checkpoint(mle_checkpoint)
+    assert ckpt["model"]["kwargs"]["rnn_size"] == 16 and ckpt["stage"] == "mle" and ckpt["vocab"]["itos"][0] == "<pad>"
+
+
+def test_cl_run_loads_reference_trains_evaluates_and_keeps_reference_frozen(mle_checkpoint, world, capsys):
+    out = world.parent / "cl"
+    result = cl.main(["--data-root", str(world), "--ref", str(mle_checkpoint), "--out-dir", str(out),
+                      "--epochs", "1", "--K", "2", "--lr", "1e-3"] + TINY)
+    printed = capsys.readouterr().out
+    assert "reference (MLE)" in printed and "target (CL)" in printed and "R@1" in printed
+    assert set(result) == {"reference", "target"} and "CIDEr" in result["target"] and "R@5" in result["reference"]
+    reference, last = load_checkpoint(mle_checkpoint), load_checkpoint(out / "last.pt")
+    assert last["stage"] == "cl" and last["step"] == 12
+    for name, value in reference["model"]["state"].items():
+        assert torch.equal(last["reference"]["state"][name], value), name  # bit-identical after CL
+    assert any(not torch.equal(last["model"]["state"][n], v) for n, v in reference["model"]["state"].items())
+
+
+def test_resume_continues_an_interrupted_run_from_its_step(mle_checkpoint, world):
+    common = TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--K", "2", "--lr", "1e-3",
+                     "--epochs", "1", "--retrieval-images", "0"]
+    straight, interrupted = world.parent / "straight", world.parent / "interrupted"
+    cl.main(common + ["--out-dir", str(straight), "--max-steps", "5"])
+    cl.main(common + ["--out-dir", str(interrupted), "--max-steps", "2"])
+    assert load_checkpoint(interrupted / "last.pt")["step"] == 2
+    cl.main(common + ["--out-dir", str(interrupted), "--max-steps", "5", "--resume"])
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    assert b["step"] == 5
+    for name, value in a["model"]["state"].items():
+        assert torch.allclose(b["model"]["state"][name], value, atol=1e-6), name
+
+
+def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
+    other = world.parent / "other"
+    make_toy_world(other, n_train=60, n_dev=10, n_test=10, regions=4, dim=8)  # 8-dim features, not 16
+    run = subprocess.run([sys.executable, str(HERE / "cl_captioning.py"), "--data-root", str(other),
+                          "--eval", str(mle_checkpoint)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().startswith("error: ") and "Traceback" not in run.stderr
+    assert "16-dimensional region features" in run.stderr and "8" in run.stderr
+    with pytest.raises(cl.DataError, match="vocabulary"):
+        cl.load_captioner(mle_checkpoint, Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "dog"]), 16, "cpu", "toy")
