@@ -1,0 +1,334 @@
+"""Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
+protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import coder_retrieval as cr
+from common import DataError, load_checkpoint, make_toy_world, save_checkpoint, tokenize
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def numpy_diversity(S, eps, negatives):
+    div = []
+    for n in range(S.shape[0]):
+        neg = [S[n, q] for q in range(S.shape[1]) if negatives[n, q]]
+        div.append(1 / sigmoid(eps / np.std(neg)))
+    return np.array(div) / max(div)
+
+
+def numpy_dcl(S, mu, gamma, div, negatives):
+    total = 0.0
+    for n in range(S.shape[0]):
+        inner = sum(math.exp((S[n, q] - gamma) / (mu * div[n])) for q in range(S.shape[1]) if negatives[n, q])
+        total += math.log(inner + 1) - math.log(S[n, n] + 1)
+    return mu / S.shape[0] * total
+
+
+@pytest.fixture
+def sim():
+    rng = np.random.default_rng(0)
+    return np.tanh(rng.normal(0, 0.6, (6, 9)))
+
+
+# --- Eq. 3-5 ---
+
+def test_diversity_matches_numpy_loop(sim):
+    square = sim[:, :6]
+    expected = numpy_diversity(square, 0.1, ~np.eye(6, dtype=bool))
+    assert np.allclose(cr.diversity(torch.tensor(square), 0.1).numpy(), expected, atol=1e-6)
+    mask = np.random.default_rng(1).random(sim.shape) > 0.3
+    got = cr.diversity(torch.tensor(sim), 0.1, torch.tensor(mask)).numpy()
+    assert np.allclose(got, numpy_diversity(sim, 0.1, mask), atol=1e-6)
+    assert got.max() == pytest.approx(1.0)
+
+
+def test_diversity_is_a_weight_without_gradient(sim):
+    S = torch.tensor(sim[:, :6], requires_grad=True)
+    assert not cr.diversity(S).requires_grad
+
+
+def test_dcl_loss_eq4_matches_numpy_loop(sim):
+    square = sim[:, :6]
+    got = cr.dcl_loss(torch.tensor(square), mu=0.1, gamma=0.3).item()
+    assert got == pytest.approx(numpy_dcl(square, 0.1, 0.3, np.ones(6), ~np.eye(6, dtype=bool)), rel=1e-6)
+
+
+def test_dcl_loss_eq5_matches_numpy_loop_with_div_and_bank_mask(sim):
+    mask = np.random.default_rng(2).random(sim.shape) > 0.3
+    np.fill_diagonal(mask, False)
+    div = np.array([1.0, 0.7, 0.55, 0.9, 0.6, 0.8])
+    got = cr.dcl_loss(torch.tensor(sim), 0.1, 0.3, torch.tensor(div), torch.tensor(mask)).item()
+    assert got == pytest.approx(numpy_dcl(sim, 0.1, 0.3, div, mask), rel=1e-6)
+
+
+def test_eq4_equals_eq5_when_div_is_one(sim):
+    S = torch.tensor(sim[:, :6])
+    assert cr.dcl_loss(S, 0.1, 0.3, torch.ones(6, dtype=S.dtype)).item() == pytest.approx(cr.dcl_loss(S, 0.1, 0.3).item(), rel=1e-9)
+    assert cr.dcl_loss(S, 0.1, 0.3, torch.full((6,), 0.5)).item() != pytest.approx(cr.dcl_loss(S, 0.1, 0.3).item())
+
+
+def test_dcl_loss_is_stable_for_confident_similarities():
+    S = torch.tensor([[0.99, -0.99], [0.99, 0.99]], dtype=torch.float32)
+    assert torch.isfinite(cr.dcl_loss(S, mu=0.01, gamma=0.3, div=torch.tensor([0.5, 1.0])))
+
+
+def test_triplet_and_infonce_match_numpy_loops(sim):
+    square = sim[:, :6]
+    hinge = sum(max(0, 0.2 + max(square[n, q] for q in range(6) if q != n) - square[n, n]) for n in range(6))
+    assert cr.triplet_loss(torch.tensor(square), 0.2).item() == pytest.approx(hinge)
+    nce = np.mean([-square[n, n] / 0.1 + math.log(sum(math.exp(square[n, q] / 0.1) for q in range(6)))
+                   for n in range(6)])
+    assert cr.infonce_loss(torch.tensor(square), 0.1).item() == pytest.approx(nce, rel=1e-6)
+
+
+# --- SCAN protocol ---
+
+def brute_force_ranks(S):
+    n = S.shape[0]
+    i2t, t2i = [], []
+    for i in range(n):  # ties: a negative goes before a ground truth of the same score
+        order = sorted(range(5 * n), key=lambda j: (-S[i, j], j // 5 == i))
+        i2t.append(min(order.index(j) for j in range(5 * i, 5 * i + 5)))
+    for j in range(5 * n):
+        order = sorted(range(n), key=lambda i: (-S[i, j], i == j // 5))
+        t2i.append(order.index(j // 5))
+    return np.array(i2t), np.array(t2i)
+
+
+def test_recall_at_k_matches_brute_force_ranking_with_ties():
+    rng = np.random.default_rng(3)
+    S = rng.integers(0, 6, (13, 65)).astype(np.float32)  # few distinct values: many ties
+    i2t, t2i = brute_force_ranks(S)
+    got = cr.recall_at_k(torch.tensor(S))
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in (1, 5, 10):
+            assert got[f"{name}_r{k}"] == pytest.approx(100 * np.mean(ranks < k))
+        assert got[f"{name}_medr"] == np.floor(np.median(ranks)) + 1
+    assert got["rsum"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+
+
+def test_recall_uses_best_of_five_captions_and_constant_scores_get_nothing():
+    n = 4
+    S = np.zeros((n, 5 * n), dtype=np.float32)
+    for i in range(n):
+        S[i, 5 * i + 3] = 1.0  # only one of the five captions matches well: enough for i2t R@1
+    got = cr.recall_at_k(torch.tensor(S))
+    assert got["i2t_r1"] == 100.0
+    assert got["t2i_r1"] == pytest.approx(100 * 1 / 5)
+    assert cr.recall_at_k(torch.zeros(n, 5 * n))["i2t_r1"] == 0.0
+
+
+def test_five_fold_split_scores_each_fold_alone():
+    n = 10  # 5 folds of 2 images; a caption of another fold outscores every ground truth
+    S = np.zeros((n, 5 * n), dtype=np.float32)
+    for i in range(n):
+        S[i, 5 * i:5 * i + 5] = 1.0
+        S[i, (5 * i + 10) % (5 * n)] = 2.0
+    assert cr.fold_recall(torch.tensor(S), 5)["i2t_r1"] == 100.0
+    assert cr.fold_recall(torch.tensor(S), 1)["i2t_r1"] == 0.0
+
+
+# --- Coupled memory banks ---
+
+def test_momentum_update_formula():
+    torch.manual_seed(0)
+    online, key = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [p.detach().clone() for p in key.parameters()]
+    cr.momentum_update(online, key, 0.9)
+    for p_k, p_old, p_q in zip(key.parameters(), before, online.parameters()):
+        assert torch.allclose(p_k, 0.9 * p_old + 0.1 * p_q)
+
+
+def test_queue_wraps_around():
+    bank = cr.MemoryBank(5, 2)
+    assert (bank.ids == -1).all()
+    bank.enqueue(torch.ones(3, 2), torch.tensor([10, 11, 12]))
+    bank.enqueue(2 * torch.ones(3, 2), torch.tensor([20, 21, 22]))
+    assert bank.ids.tolist() == [22, 11, 12, 20, 21] and int(bank.ptr) == 1
+    assert bank.feats[0].tolist() == [2.0, 2.0] and bank.feats[1].tolist() == [1.0, 1.0]
+    bank.enqueue(torch.zeros(7, 2), torch.arange(7))  # more than the bank holds: the newest 5 stay
+    assert sorted(bank.ids.tolist()) == [2, 3, 4, 5, 6]
+
+
+def test_same_image_and_empty_slots_are_not_negatives():
+    anchors = torch.tensor([0, 1])
+    keys = torch.tensor([0, 1, 1, 0, -1, 7])  # [own batch keys; queue]
+    assert cr.bank_negatives(anchors, keys).tolist() == [[False, True, True, False, False, True],
+                                                         [True, False, False, True, False, True]]
+    sim = torch.rand(2, 6)
+    changed = sim.clone()
+    changed[0, 3] = 0.99  # a queued caption of image 0: must not change image 0's loss
+    mask = cr.bank_negatives(anchors, keys)
+    assert cr.dcl_loss(sim, negatives=mask).item() == pytest.approx(cr.dcl_loss(changed, negatives=mask).item())
+
+
+# --- Concept graph and branch ---
+
+def test_concept_vocabulary_and_cooccurrence():
+    captions = ["a dog on the grass", "a dog and a cat", "the cat on a mat", "a dog"]
+    concepts = cr.concept_vocabulary(captions, 3)
+    assert concepts == ["dog", "cat", "grass"]
+    counts, nums = cr.cooccurrence(captions, concepts)
+    assert nums.tolist() == [3, 2, 1]
+    assert counts.tolist() == [[0, 1, 1], [1, 0, 0], [1, 0, 0]]
+
+
+def test_adjacency_on_hand_made_table():
+    counts = np.array([[0, 8, 1], [8, 0, 4], [1, 4, 0]], dtype=float)
+    nums = np.array([10, 20, 5], dtype=float)
+    g = 3
+    A = np.zeros((g, g))
+    for i in range(g):
+        for j in range(g):
+            A[i, j] = 1.0 if counts[i, j] / nums[i] >= 0.3 else 0.0  # P(j|i), binarised
+    col = A.sum(0)
+    for i in range(g):
+        for j in range(g):
+            A[i, j] = A[i, j] * 0.25 / (col[j] + 1e-6) + (i == j)
+    d = A.sum(1)
+    expected = np.array([[A[j, i] / math.sqrt(d[i] * d[j]) for j in range(g)] for i in range(g)])
+    got = cr.concept_adjacency(counts, nums, 0.3, 0.25)
+    assert np.allclose(got, expected, atol=1e-6)
+    # P(1|0) = 0.8 and P(2|1) = 0.2: the edge 0->1 survives the threshold, 1->2 does not
+    assert got[1, 0] > 0 and got[2, 1] == 0 and got[1, 2] > 0
+
+
+def test_concept_attention_matches_numpy():
+    rng = np.random.default_rng(4)
+    q, W, Y = rng.normal(size=(2, 4)), rng.normal(size=(4, 4)), rng.normal(size=(5, 4))
+    Yn = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+    expected = []
+    for row in q:
+        scores = np.array([10 * row @ W @ y for y in Yn])
+        a = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        v = sum(a_i * y for a_i, y in zip(a, Yn))
+        expected.append(v / np.linalg.norm(v))
+    got = cr.concept_attention(torch.tensor(q), torch.tensor(W), torch.tensor(Yn), 10.0)
+    assert np.allclose(got.numpy(), np.array(expected), atol=1e-6)
+
+
+# --- PGC ---
+
+def test_kmeans_recovers_separated_blobs_and_is_seeded():
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0, 10, (4, 3))
+    truth = np.repeat(np.arange(4), 30)
+    x = torch.tensor(centres[truth] + rng.normal(0, 0.3, (120, 3)), dtype=torch.float32)
+    cents, labels = cr.kmeans(x, 4, iters=10, seed=0)
+    pairs = set(zip(truth.tolist(), labels.tolist()))
+    assert len(pairs) == 4 and len({p[1] for p in pairs}) == 4  # a bijection blob <-> cluster
+    assert torch.equal(cr.kmeans(x, 4, iters=10, seed=0)[1], labels)
+    assert torch.equal(cr.kmeans(x + 0.01, 4, iters=3, init=cents)[1], labels)  # warm start keeps ids
+
+
+def test_pgc_loss_is_cross_entropy_over_known_labels():
+    torch.manual_seed(0)
+    P = nn.Linear(4, 3, bias=False)
+    v, w = torch.randn(3, 4), torch.randn(3, 4)
+    z = torch.tensor([2, -1, 0])
+    expected = 0.0
+    for emb in (v, w):
+        logits = (emb @ P.weight.t()).detach().numpy()
+        for n in (0, 2):
+            expected += (-logits[n, z[n]] + np.log(np.exp(logits[n]).sum())) / 2
+    assert cr.pgc_loss(P, v, w, z).item() == pytest.approx(expected, rel=1e-5)
+    assert cr.pgc_loss(P, v, w, torch.full((3,), -1)).item() == 0.0
+
+
+# --- End to end on a tiny world with a tiny random BERT ---
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    root = tmp_path_factory.mktemp("coder")
+    make_toy_world(root / "toy", n_train=60, n_dev=20, n_test=20, regions=4, dim=16)
+    words = sorted({w for split in ("train", "dev", "test")
+                    for line in (root / "toy" / f"{split}_caps.txt").read_text().splitlines() for w in tokenize(line)})
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    return root
+
+
+def tiny_args(tiny, *extra):
+    return ["--data-root", str(tiny / "toy"), "--text-encoder", str(tiny / "bert"), "--embed-size", "32",
+            "--batch-size", "16", "--bank-size", "40", "--n-concepts", "12", "--n-prototypes", "4",
+            "--freeze-text-layers", "0", "--val-images", "20", "--out-dir", str(tiny / "runs"), *extra]
+
+
+def test_a_few_steps_lower_the_loss_and_checkpoint_reloads_identically(tiny, tmp_path):
+    args = cr.parse_args(tiny_args(tiny, "--lr", "1e-3"))
+    tokenizer, text_model = cr.load_text_model(args.text_encoder)
+    feats, tokens, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
+    torch.manual_seed(0)
+    model, model_args, _ = cr.build_model(args, feats.shape[2], text_model, tokenizer, caps)
+    optimizer = cr.make_optimizer(model, args)
+    idx = np.arange(0, 80, 5) + np.arange(16) % 5  # 16 captions of 16 different images
+    regions = cr.image_batch(feats, idx // 5, torch.device("cpu"))
+    ids, mask = cr.text_batch(tokens, idx, tokenizer.pad_token_id, torch.device("cpu"))
+    image_ids, z = torch.from_numpy(idx // 5), torch.from_numpy(idx % 4)
+
+    def instance_loss():
+        with torch.no_grad():
+            v_I, w_I, _, _ = model(regions, ids, mask)
+            return cr.dcl_loss(v_I @ w_I.t()).item() + cr.dcl_loss(w_I @ v_I.t()).item()
+
+    before = instance_loss()
+    for _ in range(8):
+        loss, terms, keys, _ = cr.coder_loss(model, regions, ids, mask, image_ids, z, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.image_queue.enqueue(keys[0], image_ids)
+        model.text_queue.enqueue(keys[1], image_ids)
+    assert set(terms) == {"I", "M-DCL", "C", "PGC"}
+    assert instance_loss() < before
+
+    save_checkpoint({"model": model.state_dict(), "model_args": model_args}, tmp_path / "m.pt")
+    reloaded = cr.model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        for a, b in zip(model.encode_images(regions) + model.encode_texts(ids, mask),
+                        reloaded.encode_images(regions) + reloaded.encode_texts(ids, mask)):
+            assert torch.equal(a, b)
+    assert torch.equal(model.text_queue.feats, reloaded.text_queue.feats)
+
+
+def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
+    rows = cr.main(tiny_args(tiny, "--epochs", "2"))  # 2 epochs: PGC gets K-means labels once
+    (name, metrics), = rows
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "rsum",
+                "encode_s", "sim_pairs_per_s", "pairs_per_s"):
+        assert np.isfinite(metrics[key])
+    last = load_checkpoint(tiny / "runs" / "last.pt")
+    assert last["epoch"] == 1 and (last["pgc_labels"] >= 0).any()
+    assert last["model_args"]["text_config"]["hidden_size"] == 32 and isinstance(last["args"], dict)
+
+    again = cr.main(tiny_args(tiny, "--eval", str(tiny / "runs" / "best.pt")))
+    assert again[0][1]["rsum"] == metrics["rsum"]
+    capsys.readouterr()
+    cr.main(tiny_args(tiny, "--epochs", "3", "--resume", str(tiny / "runs" / "last.pt")))
+    out = capsys.readouterr().out
+    assert "epoch 2:" in out and "epoch 0:" not in out and "epoch 1:" not in out
+    assert load_checkpoint(tiny / "runs" / "last.pt")["epoch"] == 2
+
+    make_toy_world(tiny / "other", n_train=10, n_dev=5, n_test=5, regions=4, dim=8)
+    with pytest.raises(DataError, match="16-d region features"):
+        cr.main(tiny_args(tiny, "--data-root", str(tiny / "other"), "--eval", str(tiny / "runs" / "best.pt")))
+    (tiny / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(DataError):
+        cr.main(tiny_args(tiny, "--eval", str(tiny / "junk.pt")))
+    with pytest.raises(DataError, match="text encoder"):
+        cr.main(tiny_args(tiny, "--text-encoder", str(tiny / "missing")))
