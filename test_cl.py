@@ -14,6 +14,7 @@ from common import BOS, EOS, PAD, Vocab, load_checkpoint, load_split, make_toy_w
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
+torch.set_num_threads(1)  # tiny models: threads only add overhead, and the CI machine is shared
 
 
 def tiny_model(kind, seed=0, eos_bias=1.0):
@@ -299,7 +300,7 @@ def test_cl_run_loads_reference_trains_evaluates_and_keeps_reference_frozen(mle_
     result = cl.main(["--data-root", str(world), "--ref", str(mle_checkpoint), "--out-dir", str(out),
                       "--epochs", "1", "--K", "2", "--lr", "1e-3"] + TINY)
     printed = capsys.readouterr().out
-    assert "reference (MLE)" in printed and "target (CL)" in printed and "R@1" in printed
+    assert "reference" in printed and "CL target" in printed and "R@1" in printed
     assert set(result) == {"reference", "target"} and "CIDEr" in result["target"] and "R@5" in result["reference"]
     reference, last = load_checkpoint(mle_checkpoint), load_checkpoint(out / "last.pt")
     assert last["stage"] == "cl" and last["step"] == 12
