@@ -200,6 +200,20 @@ def test_adjacency_on_hand_made_table():
     assert got[1, 0] > 0 and got[2, 1] == 0 and got[1, 2] > 0
 
 
+def test_concept_inputs_from_glove_file_or_mean_of_word_pieces(tmp_path):
+    from transformers import AutoTokenizer
+    (tmp_path / "glove.txt").write_text("dog 1 2 3\ncat 4 5 6\nthe 0 0 0\n")
+    X = cr.concept_inputs(["cat", "dog"], None, None, str(tmp_path / "glove.txt"))
+    assert X.tolist() == [[4, 5, 6], [1, 2, 3]]
+    tokenizer = AutoTokenizer.from_pretrained(cr.default_text_encoder(), local_files_only=True)  # on disk
+    E = torch.randn(tokenizer.vocab_size, 3)
+    X = cr.concept_inputs(["frisbee", "dog"], tokenizer, E)
+    pieces = [tokenizer.convert_tokens_to_ids(p) for p in ("fr", "##is", "##bee")]
+    assert torch.allclose(X, torch.stack([E[pieces].mean(0), E[tokenizer.convert_tokens_to_ids("dog")]]))
+    with pytest.raises(DataError):
+        cr.concept_inputs(["dog"], None, None, str(tmp_path / "none.txt"))
+
+
 def test_concept_attention_matches_numpy():
     rng = np.random.default_rng(4)
     q, W, Y = rng.normal(size=(2, 4)), rng.normal(size=(4, 4)), rng.normal(size=(5, 4))
