@@ -544,7 +544,7 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
         batches = [order[i:i + args.batch_images] for i in range(0, n_images, args.batch_images)]
         done_in_epoch = step - epoch * steps_per_epoch
         target.train()
-        bar = tqdm(total=len(batches) * args.batch_images * CAPS_PER_IMAGE, unit="cap", unit_scale=True,
+        bar = tqdm(total=n_images * CAPS_PER_IMAGE, unit="cap", unit_scale=True,
                    desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True,
                    initial=done_in_epoch * args.batch_images * CAPS_PER_IMAGE)
         t0 = time.time()
@@ -597,7 +597,7 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
             save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score), last_path)
     if trained_captions:
         print(f"trained {trained_captions} captions in {train_seconds:.0f}s: {trained_captions / train_seconds:.0f} captions/s")
-    return best_path if best_path.exists() else last_path
+    return best_path if best_score > -math.inf else last_path  # never a stale best.pt of an earlier run
 
 
 # --- Command line ----------------------------------------------------------------------------------

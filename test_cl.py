@@ -256,6 +256,18 @@ def test_caption_metrics_equal_pycocoevalcap_called_by_hand():
         assert got["METEOR"] == pytest.approx(Meteor().compute_score(gts, res)[0])
 
 
+# --- Configuration ---------------------------------------------------------------------------------
+
+def test_toy_overrides_apply_only_where_the_user_gave_no_flag():
+    assert (cl.parse_args(["--dataset", "coco"]).rnn_size, cl.parse_args(["--dataset", "coco"]).lr) == (512, 4e-4)
+    assert cl.parse_args(["--dataset", "coco", "--ref", "x.pt"]).lr == 1e-6  # the paper's CL rate
+    toy = cl.parse_args([])
+    assert (toy.rnn_size, toy.lr) == (cl.TOY_OVERRIDES["mle"]["rnn_size"], cl.TOY_OVERRIDES["mle"]["lr"])
+    assert cl.parse_args(["--rnn-size", "64"]).rnn_size == 64
+    assert cl.parse_args(["--ref=x.pt", "--lr=1e-6"]).lr == 1e-6
+    assert cl.parse_args(["--ref", "x.pt"]).lr == cl.TOY_OVERRIDES["cl"]["lr"]
+
+
 # --- End to end on a tiny toy world ----------------------------------------------------------------
 
 TINY = ["--rnn-size", "16", "--emb-size", "16", "--batch-images", "5", "--val-retrieval-images", "0",
