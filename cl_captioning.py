@@ -617,7 +617,8 @@ def main(argv=None):
     if args.eval:
         model, _ = load_captioner(args.eval, vocab, feat_dim, device, args.dataset)
         scores, candidates = evaluate(model, *test, vocab, args, device, args.beam_size, args.retrieval_images)
-        print_table({Path(args.eval).name: scores}, f"test split of {args.dataset} ({len(test[0])} images)")
+        print_table({Path(args.eval).name: scores}, f"test split of {args.dataset} ({len(test[0])} images; "
+                    f"self-retrieval among {min(args.retrieval_images, len(test[0]))})")
         return scores
 
     train_data = (train_features, encode_captions(vocab, train_text, args.max_words))
@@ -655,7 +656,12 @@ def main(argv=None):
         return target_scores
     reference, _ = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)  # as it was before training
     ref_scores, ref_captions = evaluate(reference, *test, vocab, args, device, args.beam_size, args.retrieval_images)
-    print_table({"reference": ref_scores, "CL target": target_scores}, title)
+    columns = {"reference": ref_scores}
+    if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
+        init, _ = load_captioner(args.init, vocab, feat_dim, device, args.dataset)
+        columns["target before CL"] = evaluate(init, *test, vocab, args, device, args.beam_size, args.retrieval_images)[0]
+    columns["CL target"] = target_scores
+    print_table(columns, title)
     print(f"\nexamples (Figure 2): the first {args.examples} test images")
     for i in range(min(args.examples, n_test)):
         human = max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)

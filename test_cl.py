@@ -321,6 +321,15 @@ def test_cl_run_loads_reference_trains_evaluates_and_keeps_reference_frozen(mle_
     assert any(not torch.equal(last["model"]["state"][n], v) for n, v in reference["model"]["state"].items())
 
 
+def test_replace_ref_every_epoch_makes_the_best_target_the_reference(mle_checkpoint, world):
+    out = world.parent / "replaced"
+    cl.main(TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--out-dir", str(out), "--epochs", "1",
+                    "--K", "2", "--lr", "1e-3", "--replace-ref-every", "1", "--retrieval-images", "0"])
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    for name, value in best["model"]["state"].items():
+        assert torch.equal(last["reference"]["state"][name], value), name
+
+
 def test_resume_continues_an_interrupted_run_from_its_step(mle_checkpoint, world):
     common = TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--K", "2", "--lr", "1e-3",
                      "--epochs", "1", "--retrieval-images", "0"]
