@@ -187,12 +187,11 @@ class Captioner(nn.Module):
         words = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
         captions = torch.full((batch * k, max_len), PAD, dtype=torch.long, device=device)
         done = torch.zeros(batch * k, dtype=torch.bool, device=device)
-        only_pad = torch.full((1, 1), -math.inf, device=device)
         for t in range(max_len):
             _, allowed, state = self.next_word_log_probs(memory, words, state)
             vocab_size = allowed.shape[1]
-            finished = only_pad.expand_as(allowed).clone()
-            finished[:, PAD] = 0
+            finished = torch.full_like(allowed, -math.inf)
+            finished[:, PAD] = 0  # a finished caption extends only with <pad>, at no cost
             allowed = torch.where(done[:, None], finished, allowed)
             candidates = (scores.reshape(-1, 1) + allowed).reshape(batch, k * vocab_size)
             scores, flat = candidates.topk(k, dim=1)
