@@ -11,6 +11,10 @@ Table 3 of the paper, one command a row (add --dataset/--data-root):
     #2 --loss dcl --no-bank --no-concepts       #5 --loss dcl --no-div-bank --no-concepts
     #3 --loss dcl --no-mdcl --no-concepts       #6 --loss dcl --no-concepts
 Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
+
+Known issue: with Eq. 2 and Eq. 5 as printed, the concept branch falls within ~10 steps into the
+constant-similarity equilibrium of Eq. 5 (every S_C ~ -0.35, attention one-hot on one concept), on the
+toy world with or without PGC; with beta = 0.9 it then barely changes the ranking.
 """
 import argparse
 import copy
