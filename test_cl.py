@@ -1,8 +1,11 @@
 """Tests for cl_captioning.py: each equation against an independent numpy or brute-force computation,
 then the command line end to end on a tiny toy world."""
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 import cl_captioning as cl
-from common import BOS, EOS, PAD, Vocab, load_checkpoint, load_split, make_toy_world, tokenize
+from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_checkpoint, load_split, make_toy_world,
+                    tokenize)
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
@@ -44,6 +48,114 @@ def step_by_step_log_prob(model, feats, caption):
             break
         word = torch.tensor([token])
     return total
+
+
+# --- common.py: vocabulary, the precomputed layout, the toy world ------------------------------------
+
+def test_tokenize_keeps_lowercase_alphabetic_words_only():
+    assert tokenize("A Dog, 2 cats & the U.S.-made car!") == ["a", "dog", "cats", "the", "u", "s", "made", "car"]
+
+
+def test_vocab_min_count_order_round_trip_and_json(tmp_path):
+    texts = ["a dog on the grass", "a dog in a field", "a cat"]
+    vocab = Vocab.build((tokenize(t) for t in texts), min_count=2)
+    assert vocab.itos == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]  # a: 4, dog: 2; the rest once
+    ids = vocab.encode(tokenize("a dog on a cat"), max_len=8)
+    assert ids == [4, 5, UNK, 4, UNK, EOS, PAD, PAD]
+    assert vocab.decode(ids) == "a dog <unk> a <unk>"
+    assert vocab.decode([4, 5, EOS, 4, 4]) == "a dog"  # decoding stops at <eos>
+    assert vocab.encode(tokenize("a dog a dog a dog"), max_len=4) == [4, 5, 4, EOS]  # cut, <eos> kept
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocab.load(tmp_path / "vocab.json").itos == vocab.itos
+    again = Vocab.build((tokenize(t) for t in reversed(texts)), min_count=1)
+    assert again.itos == Vocab.build((tokenize(t) for t in texts), min_count=1).itos  # order-independent ids
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    make_toy_world(root, seed=3, n_train=40, n_dev=6, n_test=6, regions=5, dim=12)
+    return root
+
+
+def test_load_split_memory_maps_features_and_groups_five_captions(small_world):
+    features, captions = load_split(small_world, "train")
+    assert isinstance(features, np.memmap) and features.dtype == np.float32 and features.shape == (40, 5, 12)
+    assert len(captions) == 200
+    scenes = json.loads((small_world / "train_scenes.json").read_text())
+    main_nouns = [set(CATEGORIES[s["objects"][0]["category"]]) for s in scenes]
+    for line, caption in enumerate(captions):  # every caption names its own image's main object
+        assert main_nouns[line // 5] & set(tokenize(caption)), (line, caption)
+
+
+def copy_split(src, dst, split="train"):
+    dst.mkdir()
+    for suffix in ("_ims.npy", "_caps.txt"):
+        shutil.copy(src / f"{split}{suffix}", dst / f"{split}{suffix}")
+    return dst
+
+
+def test_load_split_rejects_bad_input_with_one_clear_sentence(small_world, tmp_path):
+    with pytest.raises(DataError, match=r"test_ims\.npy not found; use --dataset toy, or download"):
+        load_split(tmp_path, "test")
+    short = copy_split(small_world, tmp_path / "short")
+    lines = (short / "train_caps.txt").read_text().splitlines()
+    (short / "train_caps.txt").write_text("\n".join(lines[:-1]) + "\n")  # the last image has 4 captions
+    with pytest.raises(DataError, match="199 captions for 40 images.*exactly 5 per image"):
+        load_split(short, "train")
+    flat = copy_split(small_world, tmp_path / "flat")
+    np.save(flat / "train_ims.npy", np.zeros((40, 12), dtype=np.float32))
+    with pytest.raises(DataError, match=r"shaped \(images, regions, dim\), got float32 \(40, 12\)"):
+        load_split(flat, "train")
+    (flat / "train_ims.npy").write_text("not numpy")
+    with pytest.raises(DataError, match="not a readable .npy"):
+        load_split(flat, "train")
+
+
+def test_toy_world_is_deterministic_for_a_seed(tmp_path):
+    digests = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        make_toy_world(tmp_path / name, seed=seed, n_train=30, n_dev=5, n_test=5, regions=4, dim=8)
+        digests.append(hashlib.sha256(b"".join((tmp_path / name / f).read_bytes() for f in sorted(
+            p.name for p in (tmp_path / name).iterdir()))).hexdigest())
+    assert digests[0] == digests[1] != digests[2]
+
+
+@pytest.fixture(scope="module")
+def default_train_split(tmp_path_factory):
+    """The default-sized training split (3000 images): the proportions below are measured on it."""
+    root = tmp_path_factory.mktemp("default")
+    make_toy_world(root, n_dev=1, n_test=1)
+    return load_split(root, "train")[1], json.loads((root / "train_scenes.json").read_text())
+
+
+def test_toy_captions_of_one_image_differ_in_specificity(default_train_split):
+    captions, scenes = default_train_split
+    length = defaultdict(list)
+    for i, scene in enumerate(scenes):
+        assert sorted(scene["levels"]) == [0, 0, 1, 2, 3]
+        for k, level in enumerate(scene["levels"]):
+            length[level].append(len(tokenize(captions[5 * i + k])))
+    mean = [np.mean(length[level]) for level in range(4)]
+    assert mean[0] < mean[1] < mean[2] < mean[3] and mean[3] > mean[0] + 4  # more words, more detail
+    assert max(max(v) for v in length.values()) <= 16  # fits the papers' 16-word limit
+
+
+def test_toy_generic_captions_are_shared_and_detailed_ones_identify_the_image(default_train_split):
+    captions, scenes = default_train_split
+    images_of = defaultdict(set)
+    for line, caption in enumerate(captions):
+        images_of[" ".join(tokenize(caption))].add(line // 5)
+    shared = defaultdict(list)
+    for i, scene in enumerate(scenes):
+        for k, level in enumerate(scene["levels"]):
+            shared[level].append(len(images_of[" ".join(tokenize(captions[5 * i + k]))]) > 1)
+    fraction = {level: np.mean(v) for level, v in shared.items()}
+    assert fraction[0] > 0.9 and fraction[3] < 0.01  # measured: 0.968 and 0.003
+    assert fraction[0] > fraction[1] > fraction[2] > fraction[3]
+    categories = [obj["category"] for s in scenes for obj in s["objects"]]
+    counts = np.bincount(categories, minlength=24)
+    assert counts[0] > 3 * counts[12] and counts[:3].sum() > 0.3 * counts.sum()  # Zipf-skewed objects
 
 
 # --- Contrastive loss (Eq. 7-10) -------------------------------------------------------------------
