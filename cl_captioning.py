@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, init_distributed, load_checkpoint,
-                    load_split, prepare_data, save_checkpoint, tokenize)
+from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, barrier, broadcast_from_master, image_batch,
+                    load_checkpoint, load_split, pick_device, prepare_data, save_checkpoint, setup_distributed,
+                    shutdown_distributed, tokenize, wrap_ddp)
 
 # --- Configuration --------------------------------------------------------------------------------
 # Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (NOTES.md).
@@ -108,16 +110,6 @@ def parse_args(argv=None):
 
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
 
-def image_batch(features, ids, device):
-    """Rows `ids` of a memory-mapped (N, R, D) array as a tensor; reading them in sorted order keeps
-    the disk access sequential on COCO-sized files."""
-    ids = np.asarray(ids)
-    order = np.argsort(ids)
-    rows = np.empty((len(ids),) + features.shape[1:], dtype=np.float32)
-    rows[order] = features[ids[order]]
-    return torch.from_numpy(rows).to(device)
-
-
 def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
     return vocab.encode_batch(captions, max_words + 1).reshape(-1, CAPS_PER_IMAGE, max_words + 1)
@@ -131,22 +123,30 @@ def caption_mask(captions):
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
+def used_length(captions):
+    """Columns up to the longest caption's <eos> (the rest is padding), computed on the host so that
+    cutting a batch to it never makes the GPU wait."""
+    is_eos = np.asarray(captions) == EOS
+    return int(np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, is_eos.shape[-1]).max())
+
+
 class Captioner(nn.Module):
     """What both captioners share: p(c|I) and decoding, written once over encode / init_state / step."""
 
+    def forward(self, feats, captions, image_index=None):
+        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (NOTES.md).
+        With image_index, caption i is scored against image image_index[i]: each image is encoded once
+        and shared by all its captions (and negatives)."""
+        return self.log_prob_encoded(self.encode(feats), captions, image_index)
+
     def log_prob(self, feats, captions):
-        """log p(c|I) (B,): the sum of the words' log-probs including <eos>, padding masked (NOTES.md)."""
-        return self.log_prob_encoded(self.encode(feats), captions)
+        return self(feats, captions)
 
     def log_prob_encoded(self, memory, captions, image_index=None):
-        """log p(c_i | I_image_index[i]) with images encoded once and shared by several captions."""
         if image_index is not None:
             memory = tuple(m[image_index] for m in memory)
-        mask = caption_mask(captions)
-        length = int(mask.sum(1).max())  # columns after the longest caption's <eos> change nothing
-        captions, mask = captions[:, :length], mask[:, :length]
-        word_log_probs = self(memory, captions).gather(2, captions.unsqueeze(2)).squeeze(2)
-        return (word_log_probs * mask).sum(1)
+        word_log_probs = self.word_log_probs(memory, captions).gather(2, captions.unsqueeze(2)).squeeze(2)
+        return (word_log_probs * caption_mask(captions)).sum(1)
 
     def next_word_log_probs(self, memory, words, state):
         log_probs, state = self.step(memory, words, state)
@@ -239,7 +239,7 @@ class ShowTell(Captioner):
         out, (h, c) = self.lstm(self.word_embed(words).unsqueeze(1), (state[0][None], state[1][None]))
         return F.log_softmax(self.classifier(self.dropout(out[:, 0])), -1), (h[0], c[0])
 
-    def forward(self, memory, captions):
+    def word_log_probs(self, memory, captions):
         """Teacher forcing: log-probs (B, T, V) of each caption word given the image and the words before."""
         previous = torch.cat([torch.full_like(captions[:, :1], BOS), captions[:, :-1]], 1)
         out, _ = self.lstm(torch.cat([memory[0].unsqueeze(1), self.word_embed(previous)], 1))
@@ -293,7 +293,7 @@ class AdaptiveAttention(Captioner):
         c_hat = (alpha.unsqueeze(2) * torch.cat([V, s.unsqueeze(1)], 1)).sum(1)
         return F.log_softmax(self.W_p(self.dropout(torch.tanh(c_hat + h))), -1), (h, c)
 
-    def forward(self, memory, captions):
+    def word_log_probs(self, memory, captions):
         previous = torch.cat([torch.full_like(captions[:, :1], BOS), captions[:, :-1]], 1)
         state = self.init_state(memory)
         steps = []
@@ -378,9 +378,9 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
     K, n_pos = neg_captions.shape[0], pos_captions.shape[0]
     captions = torch.cat([pos_captions, neg_captions.reshape(K * n_pos, -1)])
     image_index = torch.arange(feats.shape[0], device=feats.device).repeat_interleave(CAPS_PER_IMAGE).repeat(1 + K)
-    logp_target = target.log_prob_encoded(target.encode(feats), captions, image_index)
+    logp_target = target(feats, captions, image_index)  # target: the captioner or its DDP wrapper
     with torch.no_grad():  # the reference is frozen (and in eval mode: no dropout)
-        logp_ref = reference.log_prob_encoded(reference.encode(feats), captions, image_index)
+        logp_ref = reference(feats, captions, image_index)
     return (logp_target[:n_pos], logp_ref[:n_pos], logp_target[n_pos:].reshape(K, n_pos),
             logp_ref[n_pos:].reshape(K, n_pos))
 
@@ -433,6 +433,7 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
     """The (N, N) matrix log p(c_t | I_j): all N images against a block of captions per forward."""
     model.eval()
     memory = encode_images(model, features, ids, device)
+    captions = captions[:, :used_length(captions)]
     n = len(ids)
     block = max(1, pairs_per_forward // n)
     logp = torch.empty(n, n)
@@ -484,7 +485,7 @@ def run_name(args, kind):
 def checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score):
     ckpt = {"model": captioner_record(target), "vocab": vocab.to_dict(), "args": vars(args), "stage": args.stage,
             "step": step, "epoch": epoch, "best_score": best_score, "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state()}
+            "torch_rng": torch.get_rng_state(), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     if reference is not None:  # the reference may have been replaced (Sec. 4.3)
         ckpt["reference"] = captioner_record(reference)
     return ckpt
@@ -507,16 +508,34 @@ def validate(model, dev, vocab, args, device):
     return scores
 
 
+def epoch_order(n_images, seed, epoch, world_size=1):
+    """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
+    --resume replays it. Under DDP it wraps around to a multiple of the world size (as
+    DistributedSampler pads) so that every rank has images in the last batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_images)
+    return np.concatenate([order, order[: -n_images % world_size]])
+
+
+def rank_share(global_ids, rank, world_size):
+    """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
+    return np.array_split(np.arange(len(global_ids)), world_size)[rank]
+
+
 def train(args, target, reference, train_data, dev, vocab, device, out_dir):
-    """MLE (reference is None) or CL; returns the path of the best checkpoint (by dev CIDEr)."""
-    rank, _, world_size = init_distributed()
-    if world_size > 1:
-        raise DataError("multi-process training is not supported yet; run without torchrun")
-    master = rank == 0  # evaluates, prints and saves
+    """MLE (reference is None) or CL; returns the path of the best checkpoint (by dev CIDEr).
+    Under torchrun every rank trains on its share of each global batch of batch_images x world_size
+    images; rank 0 alone validates, prints and saves while the others wait."""
+    rank, local_rank, world_size = setup_distributed()
+    master = rank == 0
     features, captions = train_data
     n_images = len(features)
+    model = target  # what the loss calls: the target, or its DDP wrapper that averages gradients over ranks
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
+        model = wrap_ddp(target, local_rank)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    steps_per_epoch = math.ceil(n_images / args.batch_images)
+    global_batch = args.batch_images * world_size
+    steps_per_epoch = math.ceil(len(epoch_order(n_images, args.seed, 0, world_size)) / global_batch)
     step, start_epoch, best_score = 0, 0, -math.inf
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if args.resume:
@@ -526,76 +545,95 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
         if ckpt["model"]["kwargs"] != target.kwargs or ckpt["model"]["kind"] != target.kind:
             raise DataError(f"{last_path} holds a different model ({ckpt['model']['kind']} {ckpt['model']['kwargs']}); "
                             f"resume with the flags of that run")
+        if ckpt.get("world_size", 1) != world_size:
+            raise DataError(f"{last_path} was written by {ckpt.get('world_size', 1)} processes; resume with as many")
         target.load_state_dict(ckpt["model"]["state"])
         if reference is not None:
             reference.load_state_dict(ckpt["reference"]["state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         step, start_epoch, best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
-        print(f"resuming {last_path} at step {step} (epoch {start_epoch + 1})")
+        if master:
+            print(f"resuming {last_path} at step {step} (epoch {start_epoch + 1})")
     best_state = None
     trained_captions, train_seconds = 0, 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     stopped = False
     for epoch in range(start_epoch, args.epochs):
-        # the order depends on (seed, epoch) only, so --resume replays it and skips what was done
-        order = np.random.default_rng([args.seed, epoch]).permutation(n_images)
-        batches = [order[i:i + args.batch_images] for i in range(0, n_images, args.batch_images)]
+        order = epoch_order(n_images, args.seed, epoch, world_size)
+        batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
         done_in_epoch = step - epoch * steps_per_epoch
         target.train()
-        bar = tqdm(total=n_images * CAPS_PER_IMAGE, unit="cap", unit_scale=True,
-                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True,
-                   initial=done_in_epoch * args.batch_images * CAPS_PER_IMAGE)
+        bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
+                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=not master,
+                   initial=min(done_in_epoch * global_batch, len(order)) * CAPS_PER_IMAGE)
         t0 = time.time()
         try:
             for batch in batches[done_in_epoch:]:
-                ids = np.sort(batch)
+                global_ids = np.sort(batch)
+                mine = rank_share(global_ids, rank, world_size)
+                ids = global_ids[mine]
                 feats = image_batch(features, ids, device)
-                pos_captions = torch.from_numpy(captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)).to(device)
+                pos = captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
+                if reference is None:
+                    pos_captions = torch.from_numpy(pos[:, :used_length(pos)]).to(device)
+                else:
+                    # fresh negatives every step, reproducible from (seed, step); drawn for the global
+                    # batch, the same on every rank, each rank taking its own columns: no draw repeats
+                    neg_ids = sample_negatives(global_ids, n_images, args.K, np.random.default_rng([args.seed, step]))
+                    neg = captions[neg_ids[:, mine]].reshape(args.K, len(pos), -1)
+                    length = max(used_length(pos), used_length(neg))
+                    pos_captions, neg_captions = (torch.from_numpy(c[..., :length]).to(device) for c in (pos, neg))
                 with autocast:
                     if reference is None:
                         own_image = torch.arange(len(ids), device=device).repeat_interleave(CAPS_PER_IMAGE)
-                        loss = mle_loss(target.log_prob_encoded(target.encode(feats), pos_captions, own_image), pos_captions)
-                    else:  # fresh negatives every step, reproducible from (seed, step)
-                        neg_ids = sample_negatives(ids, n_images, args.K, np.random.default_rng([args.seed, step]))
-                        neg_captions = torch.from_numpy(captions[neg_ids].reshape(args.K, len(pos_captions), -1)).to(device)
-                        loss = cl_loss(*contrastive_log_probs(target, reference, feats, pos_captions, neg_captions),
+                        loss = mle_loss(model(feats, pos_captions, own_image), pos_captions)
+                    else:
+                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos_captions, neg_captions),
                                        nu=args.nu, terms=args.terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_value_(target.parameters(), args.grad_clip)
                 optimizer.step()
                 step += 1
-                trained_captions += len(pos_captions)
-                bar.update(len(pos_captions))
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                trained_captions += len(batch) * CAPS_PER_IMAGE
+                bar.update(len(batch) * CAPS_PER_IMAGE)
+                if step % 25 == 0:  # .item() waits for the GPU: not every step
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 if args.max_steps and step >= args.max_steps:
                     stopped = True
                     break
         except KeyboardInterrupt:
             stopped = True
-            print(f"\ninterrupted at step {step}; continue with the same command plus --resume")
+            if master:
+                print(f"\ninterrupted at step {step}; continue with the same command plus --resume")
         bar.close()
         train_seconds += time.time() - t0
         if stopped:
             if master:
                 save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score), last_path)
+            barrier()
             break
-        if master:
-            scores = validate(target, dev, vocab, args, device)
-            if scores["CIDEr"] > best_score:
-                best_score = scores["CIDEr"]
-                best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        scores = broadcast_from_master(validate(target, dev, vocab, args, device) if master else None)
+        if scores["CIDEr"] > best_score:  # decided on rank 0's scores: every rank keeps the same best_state
+            best_score = scores["CIDEr"]
+            best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+            if master:
                 save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score), best_path)
+        if master:
             print(f"epoch {epoch + 1}: dev " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
                   f" (best CIDEr {best_score:.3f})")
-            if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
-                if best_state is not None:  # the latest best target becomes the reference (Sec. 4.3)
-                    reference.load_state_dict(best_state)
+        if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
+            if best_state is not None:  # the latest best target becomes the reference (Sec. 4.3)
+                reference.load_state_dict(best_state)
+                if master:
                     print("reference replaced by the best target so far")
+        if master:
             save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score), last_path)
-    if trained_captions:
-        print(f"trained {trained_captions} captions in {train_seconds:.0f}s: {trained_captions / train_seconds:.0f} captions/s")
+        barrier()
+    if trained_captions and master:
+        print(f"trained {trained_captions} captions in {train_seconds:.0f}s: {trained_captions / train_seconds:.0f} "
+              f"captions/s" + (f" over {world_size} processes" if world_size > 1 else ""))
     return best_path if best_score > -math.inf else last_path  # never a stale best.pt of an earlier run
 
 
@@ -603,10 +641,11 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, local_rank, world_size = setup_distributed()  # (0, 0, 1) unless started by torchrun
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(local_rank)
     root = prepare_data(args.dataset, args.data_root)
     train_features, train_text = load_split(root, "train")
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
@@ -614,6 +653,8 @@ def main(argv=None):
     test = load_split(root, "test")
 
     if args.eval:
+        if rank != 0:
+            return None
         model, _ = load_captioner(args.eval, vocab, feat_dim, device, args.dataset)
         scores, candidates = evaluate(model, *test, vocab, args, device, args.beam_size, args.retrieval_images)
         print_table({Path(args.eval).name: scores}, f"test split of {args.dataset} ({len(test[0])} images; "
@@ -637,10 +678,13 @@ def main(argv=None):
         target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
         target = standardize_features(target, train_features).to(device)
     out_dir = Path(run_name(args, target.kind))
-    print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
-          f"{len(vocab)} words, {len(train_features)} training images, lr {args.lr:g}, {args.epochs} epochs, "
-          f"device {device}; checkpoints in {out_dir}/")
+    if rank == 0:
+        print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
+              f"{len(vocab)} words, {len(train_features)} training images, lr {args.lr:g}, {args.epochs} epochs, "
+              f"device {device} x {world_size}; checkpoints in {out_dir}/")
     best_path = train(args, target, reference, train_data, dev, vocab, device, out_dir)
+    if rank != 0:  # the test evaluation runs once, on rank 0
+        return None
 
     target, _ = load_captioner(best_path, vocab, feat_dim, device, args.dataset)
     n_test = len(test[0])
@@ -675,3 +719,5 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
+    finally:
+        shutdown_distributed()

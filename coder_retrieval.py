@@ -28,11 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CAPS_PER_IMAGE, DataError, init_distributed, load_checkpoint, load_split,
-                    prepare_data, save_checkpoint, tokenize)
+from common import (CAPS_PER_IMAGE, DataError, barrier, image_batch, load_checkpoint,
+                    load_split, pick_device, prepare_data, save_checkpoint, setup_distributed, shutdown_distributed,
+                    tokenize, wrap_ddp)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -160,13 +163,6 @@ def text_batch(tokens, idx, pad_id, device):
     return ids[:, :keep].to(device), mask[:, :keep].to(device)
 
 
-def image_batch(features, idx, device):
-    order = np.argsort(idx)  # memory maps read fastest in file order
-    rows = np.empty((len(idx),) + features.shape[1:], dtype=np.float32)
-    rows[order] = features[np.asarray(idx)[order]]
-    return torch.from_numpy(rows).to(device)
-
-
 # --- Instance-level encoders (Sec. 3.2, Eq. 1) ----------------------------------------------
 
 def l2norm(x, dim=-1):
@@ -200,6 +196,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel
         self.bert = AutoModel.from_config(AutoConfig.for_model(**text_config))
+        if getattr(self.bert, "pooler", None) is not None:  # unused ([CLS] pooling): DDP wants a gradient
+            self.bert.pooler.requires_grad_(False)          # for every trainable parameter
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
     def forward(self, ids, mask):
@@ -306,9 +304,15 @@ class ConceptBranch(nn.Module):
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
 
+@torch.no_grad()
 def concat_all_gather(tensor):
-    """Keys of all ranks before enqueueing; a single process holds them all already (DDP: issue 5)."""
-    return tensor
+    """`tensor` of every rank, concatenated in rank order (MoCo's gather of the keys before they are
+    queued, so that every rank's queues hold the same items); a plain run returns it as it is."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -329,13 +333,13 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys, image_ids):
-        keys, image_ids = concat_all_gather(keys), concat_all_gather(image_ids)
+        """Keys of all ranks (gathered by the caller) overwrite the oldest slots."""
         size = len(self.ids)
         keys, image_ids = keys[-size:], image_ids[-size:]
         slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
         self.feats[slots] = keys.to(self.feats.dtype)
         self.ids[slots] = image_ids
-        self.ptr.fill_(int((self.ptr + len(keys)) % size))
+        self.ptr.copy_((self.ptr + len(keys)) % size)  # on the device: no wait for the GPU
 
 
 # --- The model (Fig. 2) ---------------------------------------------------------------------
@@ -480,19 +484,20 @@ def kmeans(x, k, iters=10, seed=0, init=None, chunk=8192):
 
 
 def pgc_loss(prototypes, v_C, w_C, z):
-    """Eq. 7: cross-entropy of softmax(P^C v^C) and softmax(P^C w^C) against prototype ids z
-    (-1: the pair has no prototype yet)."""
-    known = z >= 0
-    if not known.any():
-        return v_C.new_zeros(())
-    return F.cross_entropy(prototypes(v_C[known]), z[known]) + F.cross_entropy(prototypes(w_C[known]), z[known])
+    """Eq. 7: cross-entropy of softmax(P^C v^C) and softmax(P^C w^C) against prototype ids z, averaged
+    over the pairs that have one (z = -1: not clustered yet; then the loss is 0, still a function of P^C,
+    so DDP sees its gradient every step)."""
+    n_known = (z >= 0).sum().clamp(min=1)
+    return sum(F.cross_entropy(prototypes(emb), z, ignore_index=-1, reduction="sum") for emb in (v_C, w_C)) / n_known
 
 
 # --- Training objective (Sec. 3.5, Eq. 6 and 8) ---------------------------------------------
 
 def coder_loss(model, regions, ids, mask, image_ids, z, args):
-    """L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC; also returns the momentum keys to enqueue."""
+    """L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC; also returns the momentum keys to enqueue.
+    `model` is a CODER or its DDP wrapper: the forward goes through the wrapper, the rest to the model."""
     v_I, w_I, v_C, w_C = model(regions, ids, mask)
+    model = model.module if isinstance(model, DDP) else model
     S_I = (v_I @ w_I.t()).float()
     # a caption of the anchor's own image is never a negative (rare in a batch, common in the bank)
     negatives = bank_negatives(image_ids, image_ids)
@@ -696,10 +701,14 @@ def check_features(features, model_args, split):
 
 
 def train(args, device, root):
-    rank, _, world_size = init_distributed()
+    """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
+    checkpoint (by dev rsum). Under torchrun each
+    rank takes its own batch_size pairs of every global batch (batch_size x world_size): in-batch
+    negatives and diversity are per rank, as in one process; momentum keys and PGC embeddings are
+    gathered from all ranks; rank 0 alone clusters, validates, prints and saves."""
+    rank, local_rank, world_size = setup_distributed()
     master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    rng = np.random.default_rng(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
     train_feats, train_tokens, train_caps = load_retrieval_split(root, "train", tokenizer, args.max_len)
     dev_feats, dev_tokens, _ = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)
@@ -716,6 +725,10 @@ def train(args, device, root):
     del text_model
     freeze_lower_text_layers(model.text_encoder, args.freeze_text_layers)
     model.to(device)
+    net = model  # what the loss calls: the model, or its DDP wrapper that averages gradients over ranks
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # different dropout on every rank
+        net = wrap_ddp(model, local_rank)
     optimizer = make_optimizer(model, args)
     if args.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -725,64 +738,73 @@ def train(args, device, root):
     pgc_seen = torch.zeros(n_pairs, dtype=torch.bool, device=device)
     labels = labels.to(device) if labels is not None else torch.full((n_pairs,), -1, dtype=torch.long, device=device)
     pad_id = tokenizer.pad_token_id
+    global_batch = args.batch_size * world_size
     train_seconds, train_pairs = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         set_lr(optimizer, args, epoch)
-        order = rng.permutation(n_pairs)
-        steps = n_pairs // args.batch_size  # drop the last partial batch
+        order = np.random.default_rng([args.seed, epoch]).permutation(n_pairs)  # same on every rank; --resume replays it
+        steps = n_pairs // global_batch  # drop the last partial batch
         start = time.perf_counter()
-        bar = tqdm(total=steps * args.batch_size, unit="pair", unit_scale=True, desc=f"epoch {epoch}",
+        bar = tqdm(total=steps * global_batch, unit="pair", unit_scale=True, desc=f"epoch {epoch}",
                    disable=not master, mininterval=2)
         for step in range(steps):
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            first = step * global_batch + rank * args.batch_size
+            idx = order[first:first + args.batch_size]
             image_ids = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device)
             regions = image_batch(train_feats, idx // CAPS_PER_IMAGE, device)
             ids, mask = text_batch(train_tokens, idx, pad_id, device)
             caption_idx = torch.from_numpy(idx).to(device)
             with autocast(device):
-                loss, terms, keys, pair_emb = coder_loss(model, regions, ids, mask, image_ids, labels[caption_idx], args)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr")
+                loss, terms, keys, pair_emb = coder_loss(net, regions, ids, mask, image_ids, labels[caption_idx], args)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            if keys is not None:  # enqueue after the loss (MoCo)
-                model.image_queue.enqueue(keys[0], image_ids)
-                model.text_queue.enqueue(keys[1], image_ids)
-            pgc_store[caption_idx] = pair_emb.to(pgc_store.dtype)
-            pgc_seen[caption_idx] = True
-            bar.update(len(idx))
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+            all_caption_idx = concat_all_gather(caption_idx)
+            if keys is not None:  # enqueue after the loss (MoCo), every rank's keys on every rank
+                all_image_ids = all_caption_idx // CAPS_PER_IMAGE
+                model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids)
+                model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids)
+            if model.prototypes is not None:
+                pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
+                pgc_seen[all_caption_idx] = True
+            bar.update(global_batch)
+            if step % 10 == 0:  # .item() waits for the GPU: not every step
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr")
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
         bar.close()
         train_seconds += time.perf_counter() - start
-        train_pairs += steps * args.batch_size
+        train_pairs += steps * global_batch
         if model.prototypes is not None:  # online clustering of v^I + w^I for the next epoch (Sec. 3.4)
             seen = pgc_seen.nonzero().squeeze(1)
             k = model.prototypes.out_features
-            if len(seen) >= k:
+            if master and len(seen) >= k:  # on rank 0 alone: every rank gets the very same labels
                 centroids, fresh = kmeans(pgc_store[seen].float(), k, args.kmeans_iters, args.seed + epoch, centroids)
                 labels[seen] = fresh
-        val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size)
-        if not master:
-            continue
-        improved = val["rsum"] > best_rsum
-        best_rsum = max(best_rsum, val["rsum"])
-        print(f"epoch {epoch}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})"
-              f"{'  best' if improved else ''}; {train_pairs / train_seconds:.0f} training pairs/s")
-        ckpt = {"model": model.state_dict(), "model_args": model_args, "args": vars(args), "epoch": epoch,
-                "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "concepts": concepts,
-                "pgc_centroids": centroids.cpu() if centroids is not None else None, "pgc_labels": labels.cpu(),
-                "text_encoder": args.text_encoder}
-        save_checkpoint(ckpt, Path(args.out_dir) / "last.pt")
-        if improved:
-            save_checkpoint(ckpt, Path(args.out_dir) / "best.pt")
-    if train_pairs:
-        print(f"trained on {train_pairs} pairs in {train_seconds:.0f}s: {train_pairs / train_seconds:.0f} pairs/s")
-    return Path(args.out_dir) / "best.pt"
+            if dist.is_initialized():
+                dist.broadcast(labels, src=0)
+        if master:
+            val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size)
+            improved = val["rsum"] > best_rsum
+            best_rsum = max(best_rsum, val["rsum"])
+            print(f"epoch {epoch}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})"
+                  f"{'  best' if improved else ''}; {train_pairs / train_seconds:.0f} training pairs/s")
+            ckpt = {"model": model.state_dict(), "model_args": model_args, "args": vars(args), "epoch": epoch,
+                    "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "concepts": concepts,
+                    "pgc_centroids": centroids.cpu() if centroids is not None else None, "pgc_labels": labels.cpu(),
+                    "text_encoder": args.text_encoder}
+            save_checkpoint(ckpt, Path(args.out_dir) / "last.pt")
+            if improved:
+                save_checkpoint(ckpt, Path(args.out_dir) / "best.pt")
+        barrier()
+    if train_pairs and master:
+        print(f"trained on {train_pairs} pairs in {train_seconds:.0f}s: {train_pairs / train_seconds:.0f} pairs/s"
+              + (f" over {world_size} processes" if world_size > 1 else ""))
+    return model, labels, Path(args.out_dir) / "best.pt"
 
 
 def evaluate_checkpoint(path, args, device, root):
@@ -802,12 +824,15 @@ def evaluate_checkpoint(path, args, device, root):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, _ = setup_distributed()  # (0, 0, 1) unless started by torchrun
+    device = pick_device(local_rank)
     root = prepare_data(args.dataset, args.data_root)
     if args.eval:
-        return evaluate_checkpoint(args.eval, args, device, root)
+        return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
     start = time.perf_counter()
-    best = train(args, device, root)
+    _, _, best = train(args, device, root)
+    if rank != 0:  # the test evaluation runs once, on rank 0
+        return None
     print(f"wall time {time.perf_counter() - start:.0f}s")
     return evaluate_checkpoint(best, args, device, root)
 
@@ -817,3 +842,5 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
+    finally:
+        shutdown_distributed()

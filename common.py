@@ -1,11 +1,12 @@
 """What cl_captioning.py and coder_retrieval.py share: vocabulary, feature/caption IO in the
-standard precomputed layout, checkpoint files, torchrun detection, and the toy world that lets
+standard precomputed layout, checkpoint files, torchrun (DDP) set-up, and the toy world that lets
 everything run offline.
 
 The precomputed layout (SCAN / VSE-infinity and their successors):
     {root}/{split}_ims.npy   float32 (N, R, D) region features, one row per image
     {split}_caps.txt         one caption a line, 5 consecutive lines per image (image = line // 5)
 """
+import inspect
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -112,6 +114,20 @@ def load_split(root, split):
     return features, captions
 
 
+def image_batch(features, ids, device):
+    """Rows `ids` of a memory-mapped (N, R, D) array as a tensor. Reading them in sorted order keeps
+    the disk access sequential on COCO-sized files; on CUDA the copy goes through pinned memory and
+    does not block the host."""
+    ids, device = np.asarray(ids), torch.device(device)
+    order = np.argsort(ids)
+    rows = np.empty((len(ids),) + features.shape[1:], dtype=np.float32)
+    rows[order] = features[ids[order]]
+    rows = torch.from_numpy(rows)
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
 def prepare_data(dataset, data_root=None):
     """The folder holding `dataset`; the toy world is generated there on first use."""
     defaults = {"toy": "data/toy", "coco": "data/coco_precomp", "flickr30k": "data/f30k_precomp"}
@@ -156,10 +172,50 @@ def load_checkpoint(path):
         raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__})")
 
 
-def init_distributed():
-    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) for a plain run."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+def setup_distributed():
+    """(rank, local_rank, world_size) from the variables torchrun sets, as nanoGPT reads them; the
+    process group is started once (NCCL on CUDA, gloo on CPU). A plain run gives (0, 0, 1)."""
+    rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
+                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, local_rank, world_size
+
+
+def pick_device(local_rank):
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def wrap_ddp(model, local_rank):
+    """DistributedDataParallel: rank 0's weights at the start, gradients averaged over ranks in backward.
+    Buffers (feature statistics, CODER's queues) are kept equal by the scripts themselves, so they are
+    not re-broadcast at every forward (a 32 MB copy a step for CODER's banks)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})  # the older name, deprecated by newer torch
+    return DDP(model, device_ids=[local_rank] if torch.cuda.is_available() else None, **no_buffer_sync)
+
+
+def barrier():
+    """Ranks wait here while rank 0 evaluates and saves; a no-op in a plain run."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_master(value):
+    """Rank 0's Python value on every rank (e.g. whether the dev score improved)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- The toy world ---------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 then the command line end to end on a tiny toy world."""
 import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -11,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import cl_captioning as cl
 from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_checkpoint, load_split, make_toy_world,
-                    tokenize)
+                    setup_distributed, shutdown_distributed, tokenize, wrap_ddp)
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
@@ -466,3 +469,119 @@ def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
     assert "16-dimensional region features" in run.stderr and "8" in run.stderr
     with pytest.raises(cl.DataError, match="vocabulary"):
         cl.load_captioner(mle_checkpoint, Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "dog"]), 16, "cpu", "toy")
+
+
+# --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------
+
+def test_each_rank_trains_on_its_own_share_of_every_epoch():
+    n_images, batch_images, world_size = 23, 4, 3
+    order = cl.epoch_order(n_images, seed=0, epoch=1, world_size=world_size)
+    assert len(order) == 24 and set(order) == set(range(23))  # padded by one image, as DistributedSampler
+    assert np.array_equal(order, cl.epoch_order(n_images, seed=0, epoch=1, world_size=world_size))  # every rank
+    assert not np.array_equal(order, cl.epoch_order(n_images, seed=0, epoch=2, world_size=world_size))  # reshuffled
+    assert np.array_equal(cl.epoch_order(n_images, 0, 1), order[:23])  # one process: the same order, unpadded
+    seen = []
+    for i in range(0, len(order), batch_images * world_size):
+        global_ids = np.sort(order[i:i + batch_images * world_size])
+        shares = [global_ids[cl.rank_share(global_ids, r, world_size)] for r in range(world_size)]
+        assert all(len(share) == batch_images for share in shares)
+        seen += [int(image) for share in shares for image in share]
+    assert sorted(seen) == sorted(order.tolist())  # the ranks' shares are disjoint and cover the epoch
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank, world_size, port):
+    """What torchrun does for a worker: the environment, then the scripts' own set-up."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return setup_distributed()
+
+
+def contrastive_gradient(target, reference, feats, pos, neg):
+    target.zero_grad()
+    cl.cl_loss(*cl.contrastive_log_probs(target, reference, feats, pos, neg)).backward()
+
+
+def cl_gradient_rank(rank, world_size, port, out):
+    """One rank of a DDP step on its share of a fixed global batch of 4 images."""
+    join(rank, world_size, port)
+    target, reference = tiny_model("showtell", 0), tiny_model("adaatt", 1)  # in eval mode: no dropout
+    feats, pos, neg = global_cl_batch()
+    mine = cl.rank_share(np.arange(4), rank, world_size)
+    captions = (torch.arange(20).reshape(4, 5)[mine]).reshape(-1)
+    ddp = wrap_ddp(target, rank)
+    contrastive_gradient(ddp, reference, feats[mine], pos[captions], neg[:, captions])
+    torch.save({n: p.grad for n, p in target.named_parameters()}, out / f"grad{rank}.pt")
+    shutdown_distributed()
+
+
+def global_cl_batch():
+    g = torch.Generator().manual_seed(5)
+    pos = torch.randint(4, VOCAB_SIZE, (20, 6), generator=g)
+    neg = torch.randint(4, VOCAB_SIZE, (3, 20, 6), generator=g)
+    pos[:, 4], neg[..., 3] = EOS, EOS
+    return tiny_feats(4), pos, neg
+
+
+def test_two_ranks_with_batch_b_give_the_gradient_of_one_process_with_batch_2b(tmp_path):
+    """Eq. 10 is a mean over captions and rounds with equal shares per rank, and DDP averages the ranks'
+    gradients: the 2-process step is the 1-process step on the global batch. (MLE's per-word mean is
+    per rank: equal only when the shares hold as many words; dropout is off here to compare exactly.)"""
+    mp.spawn(cl_gradient_rank, args=(2, free_port(), tmp_path), nprocs=2)
+    target, reference = tiny_model("showtell", 0), tiny_model("adaatt", 1)
+    contrastive_gradient(target, reference, *global_cl_batch())
+    grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
+    for name, p in target.named_parameters():
+        assert torch.equal(grads[0][name], grads[1][name]), name  # all-reduced: the same on both ranks
+        assert torch.allclose(grads[0][name], p.grad, atol=1e-6), name
+    assert sum(p.grad.abs().sum() for p in target.parameters()) > 0
+
+
+def cl_train_rank(rank, world_size, port, root, ref, out):
+    join(rank, world_size, port)
+    args = cl.parse_args(TINY + ["--data-root", str(root), "--ref", str(ref), "--out-dir", str(out), "--epochs", "1",
+                                 "--K", "2", "--lr", "1e-3", "--replace-ref-every", "1", "--batch-images", "4"])
+    features, text = load_split(root, "train")
+    vocab = Vocab.build((tokenize(c) for c in text), args.min_count)
+    reference = cl.load_captioner(ref, vocab, features.shape[2], "cpu", "toy")[0].eval().requires_grad_(False)
+    target = cl.load_captioner(ref, vocab, features.shape[2], "cpu", "toy")[0]
+    cl.train(args, target, reference, (features, cl.encode_captions(vocab, text, args.max_words)),
+             load_split(root, "dev"), vocab, torch.device("cpu"), Path(out))
+    torch.save({"target": target.state_dict(), "reference": reference.state_dict()}, Path(out) / f"rank{rank}.pt")
+    shutdown_distributed()
+
+
+def test_two_rank_cl_training_keeps_target_and_reference_identical_on_both_ranks(mle_checkpoint, world):
+    out = world.parent / "ddp-cl"
+    mp.spawn(cl_train_rank, args=(2, free_port(), world, mle_checkpoint, out), nprocs=2)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    last, start = load_checkpoint(out / "last.pt"), load_checkpoint(mle_checkpoint)
+    assert last["step"] == 8 and last["world_size"] == 2  # 60 images (+4 padding) / (4 images x 2 ranks)
+    for name, value in ranks[0]["target"].items():
+        assert torch.equal(ranks[1]["target"][name], value), name
+        assert torch.equal(last["model"]["state"][name], value), name  # rank 0 saved what both hold
+        assert torch.equal(ranks[0]["reference"][name], ranks[1]["reference"][name]), name
+    # --replace-ref-every 1: after the epoch both ranks took the (only, hence best) target as reference
+    assert all(torch.equal(ranks[1]["reference"][n], v) for n, v in ranks[1]["target"].items())
+    assert any(not torch.equal(ranks[0]["target"][n], v) for n, v in start["model"]["state"].items())
+
+
+def test_torchrun_runs_mle_and_cl_with_two_processes(mle_checkpoint, world):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(HERE / "cl_captioning.py"), "--data-root", str(world)] + TINY
+    out = world.parent / "torchrun"
+    for extra in (["--out-dir", str(out / "mle"), "--epochs", "1"],
+                  ["--out-dir", str(out / "cl"), "--ref", str(mle_checkpoint), "--max-steps", "3", "--K", "2"],
+                  ["--out-dir", str(out / "cl"), "--ref", str(mle_checkpoint), "--max-steps", "5", "--K", "2",
+                   "--resume"]):
+        run = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert "over 2 processes" in run.stdout and run.stdout.count("resuming") == 1
+    assert load_checkpoint(out / "mle" / "last.pt")["step"] == 6  # 60 images / (5 images x 2 ranks)
+    assert load_checkpoint(out / "cl" / "last.pt")["step"] == 5

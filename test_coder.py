@@ -1,14 +1,21 @@
 """Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
 protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import coder_retrieval as cr
-from common import DataError, load_checkpoint, make_toy_world, save_checkpoint, tokenize
+from common import (DataError, load_checkpoint, make_toy_world, save_checkpoint, setup_distributed, shutdown_distributed,
+                    tokenize, wrap_ddp)
 
 
 def sigmoid(x):
@@ -346,3 +353,99 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
         cr.main(tiny_args(tiny, "--eval", str(tiny / "junk.pt")))
     with pytest.raises(DataError, match="text encoder"):
         cr.main(tiny_args(tiny, "--text-encoder", str(tiny / "missing")))
+
+
+# --- Several processes (torchrun / DDP, gloo on the CPU) ---
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank, world_size, port):
+    """What torchrun does for a worker: the environment, then the script's own set-up."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return setup_distributed()
+
+
+GLOBAL_BATCH = np.arange(0, 80, 5) + np.arange(16) % 5  # 16 captions of 16 different images
+
+
+def fresh_model_and_batch(tiny, idx):
+    args = cr.parse_args(tiny_args(tiny))
+    tokenizer, text_model = cr.load_text_model(args.text_encoder)
+    feats, tokens, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
+    torch.manual_seed(0)
+    model, _, _ = cr.build_model(args, feats.shape[2], text_model, tokenizer, caps)
+    regions = cr.image_batch(feats, idx // 5, "cpu")
+    ids, mask = cr.text_batch(tokens, idx, tokenizer.pad_token_id, torch.device("cpu"))
+    return args, model, (regions, ids, mask, torch.from_numpy(idx // 5), torch.from_numpy(idx % 4))
+
+
+def coder_gradient_rank(rank, world_size, port, tiny, out):
+    join(rank, world_size, port)
+    args, model, batch = fresh_model_and_batch(tiny, GLOBAL_BATCH[8 * rank:8 * (rank + 1)])
+    ddp = wrap_ddp(model, rank)  # kept referenced until backward: its reducer all-reduces the gradients
+    loss, terms, _, _ = cr.coder_loss(ddp, *batch, args)
+    loss.backward()
+    assert set(terms) == {"I", "M-DCL", "C", "PGC"}
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out / f"grad{rank}.pt")
+    shutdown_distributed()
+
+
+def test_two_rank_gradient_is_the_mean_of_the_per_rank_losses_gradients(tiny, tmp_path):
+    """In-batch negatives and diversity (Eq. 3, normalised by the batch maximum) are per rank, so a
+    2-rank step with batch B is not a 1-process step with 2B; what must hold is that it is the mean of
+    the gradients of the two ranks' losses, each computed as one process would (here on an empty bank)."""
+    mp.spawn(coder_gradient_rank, args=(2, free_port(), tiny, tmp_path), nprocs=2)
+    ddp = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
+    halves = []
+    for rank in range(2):
+        args, model, batch = fresh_model_and_batch(tiny, GLOBAL_BATCH[8 * rank:8 * (rank + 1)])
+        cr.coder_loss(model, *batch, args)[0].backward()
+        halves.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert set(ddp[0]) == set(halves[0]) and all(g is not None for g in ddp[0].values())
+    for name in halves[0]:
+        assert torch.equal(ddp[0][name], ddp[1][name]), name
+        assert torch.allclose(ddp[0][name], (halves[0][name] + halves[1][name]) / 2, atol=1e-5, rtol=1e-4), name
+    _, model, batch = fresh_model_and_batch(tiny, GLOBAL_BATCH)  # and the full batch is indeed different
+    args = cr.parse_args(tiny_args(tiny))
+    cr.coder_loss(model, *batch, args)[0].backward()
+    assert not torch.allclose(model.image_encoder.fc.weight.grad, ddp[0]["image_encoder.fc.weight"], atol=1e-5)
+
+
+def coder_train_rank(rank, world_size, port, argv, out):
+    join(rank, world_size, port)
+    model, labels, _ = cr.train(cr.parse_args(argv), torch.device("cpu"), Path(argv[1]))
+    torch.save({"state": model.state_dict(), "labels": labels}, Path(out) / f"rank{rank}.pt")
+    shutdown_distributed()
+
+
+def test_two_rank_training_keeps_models_queues_and_prototype_labels_identical(tiny, tmp_path):
+    argv = tiny_args(tiny, "--epochs", "2", "--out-dir", str(tmp_path / "runs"), "--batch-size", "8")
+    mp.spawn(coder_train_rank, args=(2, free_port(), argv, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, value in ranks[0]["state"].items():  # weights, momentum copies, both queues and pointers
+        assert torch.equal(ranks[1]["state"][name], value), name
+    assert torch.equal(ranks[0]["labels"], ranks[1]["labels"]) and (ranks[0]["labels"] >= 0).all()
+    # 300 pairs / 16 a step = 18 steps of 16 keys per epoch: 40 slots all filled, pointer at 36 * 16 % 40
+    state = ranks[0]["state"]
+    assert (state["text_queue.ids"] >= 0).all() and int(state["text_queue.ptr"]) == 36 * 16 % 40
+    assert load_checkpoint(tmp_path / "runs" / "last.pt")["epoch"] == 1
+
+
+def test_torchrun_trains_evaluates_and_resumes_with_two_processes(tiny, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(Path(cr.__file__))] + tiny_args(tiny, "--out-dir", str(tmp_path / "runs"))
+    first = subprocess.run(torchrun + ["--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = first.stdout
+    assert "over 2 processes" in out and out.count("epoch 0:") == 1 and out.count("\ntest ") == 1  # rank 0 alone
+    again = subprocess.run(torchrun + ["--epochs", "2", "--resume", str(tmp_path / "runs" / "last.pt")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "epoch 1:" in again.stdout and "epoch 0:" not in again.stdout
+    assert load_checkpoint(tmp_path / "runs" / "last.pt")["epoch"] == 1
