@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.5, help="dropout before the word classifier")
     p.add_argument("--max-words", type=int, default=16, help="captions are cut to this many words (+<eos>)")
     p.add_argument("--min-count", type=int, default=5, help="rarer words become <unk>")
-    p.add_argument("--batch-images", type=int, default=20, help="images per batch, each with its 5 captions")
+    p.add_argument("--batch-images", type=int, default=20, help="images per batch and process (torchrun: x processes), each with its 5 captions")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for MLE, 10 for CL)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
     p.add_argument("--lr", type=float, default=None,

@@ -52,7 +52,9 @@ def default_text_encoder():
 # --- Configuration (Sec. 4.2) ---------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The examples as written, and every flag's default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     add = p.add_argument
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a real benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (precomputed layout)")
@@ -86,7 +88,7 @@ def parse_args(argv=None):
     add("--lr-update", type=int, default=None, help="epoch at which the lr drops 10x (default: half of --epochs)")
     add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (VSE-infinity; the paper is silent)")
     add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower transformer layers")
-    add("--batch-size", type=int, default=128, help="image-caption pairs per step")
+    add("--batch-size", type=int, default=128, help="image-caption pairs per step and process (torchrun: x processes)")
     add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++/VSE-infinity)")
     add("--max-len", type=int, default=32, help="caption length in word pieces")
     add("--val-images", type=int, default=1000, help="images of the dev split used for per-epoch validation")
