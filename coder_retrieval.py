@@ -12,9 +12,11 @@ Table 3 of the paper, one command a row (add --dataset/--data-root):
     #3 --loss dcl --no-mdcl --no-concepts       #6 --loss dcl --no-concepts
 Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
 
-Known issue: with Eq. 2 and Eq. 5 as printed, the concept branch falls within ~10 steps into the
-constant-similarity equilibrium of Eq. 5 (every S_C ~ -0.35, attention one-hot on one concept), on the
-toy world with or without PGC; with beta = 0.9 it then barely changes the ranking.
+Known issue: Eq. 5 as printed has a stationary point where all similarities are equal (mu = 0.1,
+gamma = 0.3, batch 128: S ~ -0.35). On the toy world the concept branch falls into it within ~10 steps,
+with or without PGC: every image attends to one concept and every caption to another (dev: S_C =
+-0.350 +- 0.002, one argmax concept for all images). L2-normalising the query of Eq. 2 did not prevent
+it. With beta = 0.9 the constant S_C then leaves the ranking as S_I makes it.
 """
 import argparse
 import copy
@@ -704,10 +706,10 @@ def check_features(features, model_args, split):
 
 def train(args, device, root):
     """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
-    checkpoint (by dev rsum). Under torchrun each
-    rank takes its own batch_size pairs of every global batch (batch_size x world_size): in-batch
-    negatives and diversity are per rank, as in one process; momentum keys and PGC embeddings are
-    gathered from all ranks; rank 0 alone clusters, validates, prints and saves."""
+    checkpoint (by dev rsum). Under torchrun each rank takes its own batch_size pairs of every global
+    batch (batch_size x world_size): in-batch negatives and diversity are per rank, as in one process;
+    momentum keys and PGC embeddings are gathered from all ranks; rank 0 alone clusters, validates,
+    prints and saves."""
     rank, local_rank, world_size = setup_distributed()
     master = rank == 0
     torch.manual_seed(args.seed)  # the same initial model on every rank

@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,8 @@ def setup_distributed():
     if world_size > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 evaluates and clusters (CODER's first K-means on COCO) while the others wait
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
     return rank, local_rank, world_size
 
 
