@@ -2,9 +2,7 @@
 then the command line end to end on a tiny toy world."""
 import hashlib
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -13,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import cl_captioning as cl
 from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_checkpoint, load_split, make_toy_world,
-                    setup_distributed, shutdown_distributed, tokenize, wrap_ddp)
+                    tokenize, wrap_ddp)
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
@@ -489,36 +486,20 @@ def test_each_rank_trains_on_its_own_share_of_every_epoch():
     assert sorted(seen) == sorted(order.tolist())  # the ranks' shares are disjoint and cover the epoch
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank, world_size, port):
-    """What torchrun does for a worker: the environment, then the scripts' own set-up."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    return setup_distributed()
-
-
 def contrastive_gradient(target, reference, feats, pos, neg):
     target.zero_grad()
     cl.cl_loss(*cl.contrastive_log_probs(target, reference, feats, pos, neg)).backward()
 
 
-def cl_gradient_rank(rank, world_size, port, out):
-    """One rank of a DDP step on its share of a fixed global batch of 4 images."""
-    join(rank, world_size, port)
+def cl_gradient_rank(rank, out):
+    """One of 2 ranks of a DDP step on its share of a fixed global batch of 4 images."""
     target, reference = tiny_model("showtell", 0), tiny_model("adaatt", 1)  # in eval mode: no dropout
     feats, pos, neg = global_cl_batch()
-    mine = cl.rank_share(np.arange(4), rank, world_size)
+    mine = cl.rank_share(np.arange(4), rank, 2)
     captions = (torch.arange(20).reshape(4, 5)[mine]).reshape(-1)
     ddp = wrap_ddp(target, rank)
     contrastive_gradient(ddp, reference, feats[mine], pos[captions], neg[:, captions])
     torch.save({n: p.grad for n, p in target.named_parameters()}, out / f"grad{rank}.pt")
-    shutdown_distributed()
 
 
 def global_cl_batch():
@@ -529,11 +510,11 @@ def global_cl_batch():
     return tiny_feats(4), pos, neg
 
 
-def test_two_ranks_with_batch_b_give_the_gradient_of_one_process_with_batch_2b(tmp_path):
+def test_two_ranks_with_batch_b_give_the_gradient_of_one_process_with_batch_2b(run_ranks, tmp_path):
     """Eq. 10 is a mean over captions and rounds with equal shares per rank, and DDP averages the ranks'
     gradients: the 2-process step is the 1-process step on the global batch. (MLE's per-word mean is
     per rank: equal only when the shares hold as many words; dropout is off here to compare exactly.)"""
-    mp.spawn(cl_gradient_rank, args=(2, free_port(), tmp_path), nprocs=2)
+    run_ranks(cl_gradient_rank, tmp_path)
     target, reference = tiny_model("showtell", 0), tiny_model("adaatt", 1)
     contrastive_gradient(target, reference, *global_cl_batch())
     grads = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
@@ -543,8 +524,7 @@ def test_two_ranks_with_batch_b_give_the_gradient_of_one_process_with_batch_2b(t
     assert sum(p.grad.abs().sum() for p in target.parameters()) > 0
 
 
-def cl_train_rank(rank, world_size, port, root, ref, out):
-    join(rank, world_size, port)
+def cl_train_rank(rank, root, ref, out):
     args = cl.parse_args(TINY + ["--data-root", str(root), "--ref", str(ref), "--out-dir", str(out), "--epochs", "1",
                                  "--K", "2", "--lr", "1e-3", "--replace-ref-every", "1", "--batch-images", "4"])
     features, text = load_split(root, "train")
@@ -554,12 +534,11 @@ def cl_train_rank(rank, world_size, port, root, ref, out):
     cl.train(args, target, reference, (features, cl.encode_captions(vocab, text, args.max_words)),
              load_split(root, "dev"), vocab, torch.device("cpu"), Path(out))
     torch.save({"target": target.state_dict(), "reference": reference.state_dict()}, Path(out) / f"rank{rank}.pt")
-    shutdown_distributed()
 
 
-def test_two_rank_cl_training_keeps_target_and_reference_identical_on_both_ranks(mle_checkpoint, world):
+def test_two_rank_cl_training_keeps_target_and_reference_identical_on_both_ranks(run_ranks, mle_checkpoint, world):
     out = world.parent / "ddp-cl"
-    mp.spawn(cl_train_rank, args=(2, free_port(), world, mle_checkpoint, out), nprocs=2)
+    run_ranks(cl_train_rank, world, mle_checkpoint, out)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     last, start = load_checkpoint(out / "last.pt"), load_checkpoint(mle_checkpoint)
     assert last["step"] == 8 and last["world_size"] == 2  # 60 images (+4 padding) / (4 images x 2 ranks)

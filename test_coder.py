@@ -1,8 +1,6 @@
 """Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
 protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import coder_retrieval as cr
-from common import (DataError, load_checkpoint, make_toy_world, save_checkpoint, setup_distributed, shutdown_distributed,
-                    tokenize, wrap_ddp)
+from common import DataError, load_checkpoint, make_toy_world, save_checkpoint, tokenize, wrap_ddp
 
 
 def sigmoid(x):
@@ -357,20 +353,6 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) ---
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank, world_size, port):
-    """What torchrun does for a worker: the environment, then the script's own set-up."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    return setup_distributed()
-
-
 GLOBAL_BATCH = np.arange(0, 80, 5) + np.arange(16) % 5  # 16 captions of 16 different images
 
 
@@ -385,22 +367,20 @@ def fresh_model_and_batch(tiny, idx):
     return args, model, (regions, ids, mask, torch.from_numpy(idx // 5), torch.from_numpy(idx % 4))
 
 
-def coder_gradient_rank(rank, world_size, port, tiny, out):
-    join(rank, world_size, port)
+def coder_gradient_rank(rank, tiny, out):
     args, model, batch = fresh_model_and_batch(tiny, GLOBAL_BATCH[8 * rank:8 * (rank + 1)])
     ddp = wrap_ddp(model, rank)  # kept referenced until backward: its reducer all-reduces the gradients
     loss, terms, _, _ = cr.coder_loss(ddp, *batch, args)
     loss.backward()
     assert set(terms) == {"I", "M-DCL", "C", "PGC"}
     torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out / f"grad{rank}.pt")
-    shutdown_distributed()
 
 
-def test_two_rank_gradient_is_the_mean_of_the_per_rank_losses_gradients(tiny, tmp_path):
+def test_two_rank_gradient_is_the_mean_of_the_per_rank_losses_gradients(run_ranks, tiny, tmp_path):
     """In-batch negatives and diversity (Eq. 3, normalised by the batch maximum) are per rank, so a
     2-rank step with batch B is not a 1-process step with 2B; what must hold is that it is the mean of
     the gradients of the two ranks' losses, each computed as one process would (here on an empty bank)."""
-    mp.spawn(coder_gradient_rank, args=(2, free_port(), tiny, tmp_path), nprocs=2)
+    run_ranks(coder_gradient_rank, tiny, tmp_path)
     ddp = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
     halves = []
     for rank in range(2):
@@ -417,16 +397,14 @@ def test_two_rank_gradient_is_the_mean_of_the_per_rank_losses_gradients(tiny, tm
     assert not torch.allclose(model.image_encoder.fc.weight.grad, ddp[0]["image_encoder.fc.weight"], atol=1e-5)
 
 
-def coder_train_rank(rank, world_size, port, argv, out):
-    join(rank, world_size, port)
+def coder_train_rank(rank, argv, out):
     model, labels, _ = cr.train(cr.parse_args(argv), torch.device("cpu"), Path(argv[1]))
     torch.save({"state": model.state_dict(), "labels": labels}, Path(out) / f"rank{rank}.pt")
-    shutdown_distributed()
 
 
-def test_two_rank_training_keeps_models_queues_and_prototype_labels_identical(tiny, tmp_path):
+def test_two_rank_training_keeps_models_queues_and_prototype_labels_identical(run_ranks, tiny, tmp_path):
     argv = tiny_args(tiny, "--epochs", "2", "--out-dir", str(tmp_path / "runs"), "--batch-size", "8")
-    mp.spawn(coder_train_rank, args=(2, free_port(), argv, tmp_path), nprocs=2)
+    run_ranks(coder_train_rank, argv, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, value in ranks[0]["state"].items():  # weights, momentum copies, both queues and pointers
         assert torch.equal(ranks[1]["state"][name], value), name
