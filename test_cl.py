@@ -1,5 +1,6 @@
-"""Tests for cl_captioning.py: each equation against an independent numpy or brute-force computation,
-then the command line end to end on a tiny toy world."""
+"""Tests for common.py (vocabulary, the precomputed layout, the toy world) and cl_captioning.py: each
+equation against an independent numpy or brute-force computation, the command line end to end on a
+tiny toy world, then the same on 2 processes."""
 import hashlib
 import json
 import shutil
