@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -194,7 +195,6 @@ def wrap_ddp(model, local_rank):
     """DistributedDataParallel: rank 0's weights at the start, gradients averaged over ranks in backward.
     Buffers (feature statistics, CODER's queues) are kept equal by the scripts themselves, so they are
     not re-broadcast at every forward (a 32 MB copy a step for CODER's banks)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})  # the older name, deprecated by newer torch
     return DDP(model, device_ids=[local_rank] if torch.cuda.is_available() else None, **no_buffer_sync)
