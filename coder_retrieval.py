@@ -64,6 +64,10 @@ def parse_args(argv=None):
     add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
         help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
+    add("--dcl-positive", default="printed", choices=["printed", "unscaled", "relative"],
+        help="positive term of Eq. 4/5: as printed, as printed without the mu factor, or S_nn inside the exponent")
+    add("--mask-identical", action=argparse.BooleanOptionalAction, default=False,
+        help="a caption identical to the anchor pair's own is not a negative (batch and banks)")
     add("--bank", action=argparse.BooleanOptionalAction, default=True, help="coupled momentum memory banks (Sec. 3.2)")
     add("--mdcl", action=argparse.BooleanOptionalAction, default=True, help="memory-aided loss L_M-DCL (Eq. 6); needs --bank")
     add("--div-bank", action=argparse.BooleanOptionalAction, default=True,
@@ -275,11 +279,15 @@ def gcn(X, A_hat, W1, W2):
     return l2norm(A_hat @ F.leaky_relu(A_hat @ X @ W1, 0.2) @ W2)
 
 
+def concept_scores(query, W, Y, lam):
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. The query is used as
+    printed (not normalised), so the model can learn its own sharpness on top of lam."""
+    return torch.softmax(lam * (query @ W) @ Y.t(), dim=-1)
+
+
 def concept_attention(query, W, Y, lam):
-    """Eq. 2: a_i = softmax_i(lam * q^T W y_i); v^C = sum_i a_i y_i (L2-normalised). The query is used
-    as printed (not normalised), so the model can learn its own sharpness on top of lam."""
-    a = torch.softmax(lam * (query @ W) @ Y.t(), dim=-1)
-    return l2norm(a @ Y)
+    """Eq. 2: v^C = sum_i a_i y_i (L2-normalised)."""
+    return l2norm(concept_scores(query, W, Y, lam) @ Y)
 
 
 class ConceptBranch(nn.Module):
@@ -299,11 +307,17 @@ class ConceptBranch(nn.Module):
         """The SCC representations Y (g, F)."""
         return gcn(self.X, self.A_hat, self.W1, self.W2)
 
+    def image_scores(self, v_local, Y):
+        return concept_scores(aggregate(self.query_v(v_local)), self.W_v, Y, self.lam)
+
+    def text_scores(self, w_local, mask, Y):
+        return concept_scores(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam)
+
     def image(self, v_local, Y):
-        return concept_attention(aggregate(self.query_v(v_local)), self.W_v, Y, self.lam)
+        return l2norm(self.image_scores(v_local, Y) @ Y)
 
     def text(self, w_local, mask, Y):
-        return concept_attention(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam)
+        return l2norm(self.text_scores(w_local, mask, Y) @ Y)
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
@@ -327,22 +341,26 @@ def momentum_update(online, momentum_copy, m):
 
 
 class MemoryBank(nn.Module):
-    """A queue of momentum embeddings with the image id of each; id -1 marks an empty slot."""
+    """A queue of momentum embeddings with the image id and the caption-text id of the pair each came
+    from; id -1 marks an empty slot."""
 
     def __init__(self, size, dim):
         super().__init__()
         self.register_buffer("feats", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("text_ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys, image_ids):
+    def enqueue(self, keys, image_ids, text_ids=None):
         """Keys of all ranks (gathered by the caller) overwrite the oldest slots."""
         size = len(self.ids)
-        keys, image_ids = keys[-size:], image_ids[-size:]
+        text_ids = torch.full_like(image_ids, -1) if text_ids is None else text_ids
+        keys, image_ids, text_ids = keys[-size:], image_ids[-size:], text_ids[-size:]
         slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
         self.feats[slots] = keys.to(self.feats.dtype)
         self.ids[slots] = image_ids
+        self.text_ids[slots] = text_ids
         self.ptr.copy_((self.ptr + len(keys)) % size)  # on the device: no wait for the GPU
 
 
@@ -397,9 +415,19 @@ class CODER(nn.Module):
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) -------------------------------
 
-def bank_negatives(anchor_ids, key_ids):
-    """Keys that are negatives of each anchor: another image's, and a filled slot (id >= 0)."""
-    return (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
+def bank_negatives(anchor_ids, key_ids, anchor_texts=None, key_texts=None):
+    """Keys that are negatives of each anchor: another image's, a filled slot (id >= 0) and, when text
+    ids are given, not from a pair whose caption is word for word the anchor pair's caption (such a
+    key matches the anchor as well as its own positive does: a false negative)."""
+    negatives = (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
+    if anchor_texts is not None:
+        negatives &= key_texts[None, :] != anchor_texts[:, None]
+    return negatives
+
+
+def caption_text_ids(tokens):
+    """One id per distinct caption (rows of word-piece ids): identical captions share an id."""
+    return np.unique(tokens, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 def off_diagonal(sim):
@@ -424,17 +452,27 @@ def diversity(sim, eps=0.1, negatives=None):
     return div / div.max()
 
 
-def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None):
+def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="printed"):
     """One direction of Eq. 4 (div None) / Eq. 5: rows are anchors, the positive S_nn is on the
     diagonal, `negatives` (default q != n) marks the columns summed over.
-    mu/N sum_n [ log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]"""
+    printed:  mu/N sum_n [ log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
+    unscaled: the same with the positive term not multiplied by mu
+    relative: mu/N sum_n log(sum_{q!=n} exp((S_nq - S_nn + gamma) / (mu div_n)) + 1)"""
     negatives = off_diagonal(sim) if negatives is None else negatives
     temperature = mu if div is None else mu * div[:, None]
-    logits = ((sim - gamma) / temperature).masked_fill(~negatives, float("-inf"))
-    log_sum_neg = torch.logsumexp(logits, dim=1)
-    positive = sim.diagonal()
-    per_anchor = F.softplus(log_sum_neg) - torch.log((positive + 1).clamp(min=1e-6))  # softplus(x) = log(e^x + 1)
-    return mu * per_anchor.mean()
+    positive_sim = sim.diagonal()
+    if positive == "relative":
+        logits = (sim - positive_sim[:, None] + gamma) / temperature
+    else:
+        logits = (sim - gamma) / temperature
+    log_sum_neg = torch.logsumexp(logits.masked_fill(~negatives, float("-inf")), dim=1)
+    negative_term = F.softplus(log_sum_neg)  # softplus(x) = log(e^x + 1)
+    if positive == "relative":
+        return mu * negative_term.mean()
+    positive_term = torch.log((positive_sim + 1).clamp(min=1e-6))
+    if positive == "unscaled":
+        return (mu * negative_term - positive_term).mean()
+    return mu * (negative_term - positive_term).mean()
 
 
 def triplet_loss(sim, margin=0.2, negatives=None):
@@ -457,7 +495,7 @@ def contrastive(sim, args, div=None, negatives=None):
         return triplet_loss(sim, args.margin, negatives)
     if args.loss == "infonce":
         return infonce_loss(sim, args.mu, negatives)
-    return dcl_loss(sim, args.mu, args.gamma, div if args.loss == "dcl" else None, negatives)
+    return dcl_loss(sim, args.mu, args.gamma, div if args.loss == "dcl" else None, negatives, args.dcl_positive)
 
 
 # --- Prototype-guided classification (Sec. 3.4, Eq. 7) --------------------------------------
@@ -497,14 +535,15 @@ def pgc_loss(prototypes, v_C, w_C, z):
 
 # --- Training objective (Sec. 3.5, Eq. 6 and 8) ---------------------------------------------
 
-def coder_loss(model, regions, ids, mask, image_ids, z, args):
+def coder_loss(model, regions, ids, mask, image_ids, z, args, text_ids=None):
     """L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC; also returns the momentum keys to enqueue.
-    `model` is a CODER or its DDP wrapper: the forward goes through the wrapper, the rest to the model."""
+    `model` is a CODER or its DDP wrapper: the forward goes through the wrapper, the rest to the model.
+    `text_ids` (caption_text_ids of the batch, or None) masks identical captions out of the negatives."""
     v_I, w_I, v_C, w_C = model(regions, ids, mask)
     model = model.module if isinstance(model, DDP) else model
     S_I = (v_I @ w_I.t()).float()
     # a caption of the anchor's own image is never a negative (rare in a batch, common in the bank)
-    negatives = bank_negatives(image_ids, image_ids)
+    negatives = bank_negatives(image_ids, image_ids, text_ids, text_ids)
     need_div = args.loss == "dcl"
     div_v = diversity(S_I, args.eps, negatives) if need_div else None
     div_w = diversity(S_I.t(), args.eps, negatives.t()) if need_div else None
@@ -520,7 +559,12 @@ def coder_loss(model, regions, ids, mask, image_ids, z, args):
         image_keys, image_key_ids = torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids])
         S_vB = (v_I @ text_keys.t().to(v_I.dtype)).float()
         S_wB = (w_I @ image_keys.t().to(w_I.dtype)).float()
-        neg_vB, neg_wB = bank_negatives(image_ids, text_key_ids), bank_negatives(image_ids, image_key_ids)
+        text_key_texts = image_key_texts = None
+        if text_ids is not None:
+            text_key_texts = torch.cat([text_ids, model.text_queue.text_ids])
+            image_key_texts = torch.cat([text_ids, model.image_queue.text_ids])
+        neg_vB = bank_negatives(image_ids, text_key_ids, text_ids, text_key_texts)
+        neg_wB = bank_negatives(image_ids, image_key_ids, text_ids, image_key_texts)
         if need_div and args.div_bank:  # "average of diversity values at mini-batch level and memory bank level"
             div_v = (div_v + diversity(S_vB, args.eps, neg_vB)) / 2
             div_w = (div_w + diversity(S_wB, args.eps, neg_wB)) / 2
@@ -561,6 +605,35 @@ def encode_split(model, features, tokens, pad_id, device, batch_size=256):
     if v_C[0] is not None:
         emb["v_C"], emb["w_C"] = torch.cat(v_C), torch.cat(w_C)
     return emb, time.perf_counter() - start
+
+
+@torch.no_grad()
+def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
+    """Does the concept branch carry information? Distinct argmax concepts over images and over
+    captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
+    model.eval()
+    branch, a_v, a_w, v_C, w_C = model.concepts, [], [], [], []
+    Y = branch.basis()
+    with autocast(device):
+        for i in range(0, len(features), batch_size):
+            a = branch.image_scores(model.image_encoder(image_batch(features, np.arange(i, min(i + batch_size, len(features))), device)), Y)
+            a_v.append(a.float()), v_C.append(l2norm(a.float() @ Y))
+        for i in range(0, len(tokens), batch_size):
+            ids, mask = text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))), pad_id, device)
+            a = branch.text_scores(model.text_encoder(ids, mask), mask, Y)
+            a_w.append(a.float()), w_C.append(l2norm(a.float() @ Y))
+    a_v, a_w = torch.cat(a_v), torch.cat(a_w)
+    S_C = torch.cat(v_C) @ torch.cat(w_C).t()
+    entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
+    return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
+            "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
+            "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std())}
+
+
+def format_concept_usage(u):
+    return (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
+            f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
+            f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}")
 
 
 def similarity(emb, beta, images=slice(None), captions=slice(None)):
@@ -742,6 +815,7 @@ def train(args, device, root):
     pgc_seen = torch.zeros(n_pairs, dtype=torch.bool, device=device)
     labels = labels.to(device) if labels is not None else torch.full((n_pairs,), -1, dtype=torch.long, device=device)
     pad_id = tokenizer.pad_token_id
+    text_ids = torch.from_numpy(caption_text_ids(train_tokens)).to(device) if args.mask_identical else None
     global_batch = args.batch_size * world_size
     train_seconds, train_pairs = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
@@ -760,7 +834,8 @@ def train(args, device, root):
             ids, mask = text_batch(train_tokens, idx, pad_id, device)
             caption_idx = torch.from_numpy(idx).to(device)
             with autocast(device):
-                loss, terms, keys, pair_emb = coder_loss(net, regions, ids, mask, image_ids, labels[caption_idx], args)
+                loss, terms, keys, pair_emb = coder_loss(net, regions, ids, mask, image_ids, labels[caption_idx], args,
+                                                         text_ids[caption_idx] if text_ids is not None else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -770,8 +845,9 @@ def train(args, device, root):
             all_caption_idx = concat_all_gather(caption_idx)
             if keys is not None:  # enqueue after the loss (MoCo), every rank's keys on every rank
                 all_image_ids = all_caption_idx // CAPS_PER_IMAGE
-                model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids)
-                model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids)
+                all_text_ids = text_ids[all_caption_idx] if text_ids is not None else None
+                model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids, all_text_ids)
+                model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids, all_text_ids)
             if model.prototypes is not None:
                 pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
                 pgc_seen[all_caption_idx] = True
@@ -797,6 +873,9 @@ def train(args, device, root):
             best_rsum = max(best_rsum, val["rsum"])
             print(f"epoch {epoch}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})"
                   f"{'  best' if improved else ''}; {train_pairs / train_seconds:.0f} training pairs/s")
+            if model.concepts is not None:
+                print("  " + format_concept_usage(concept_usage(model, dev_feats, dev_tokens, pad_id, device,
+                                                                args.eval_batch_size)))
             ckpt = {"model": model.state_dict(), "model_args": model_args, "args": vars(args), "epoch": epoch,
                     "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "concepts": concepts,
                     "pgc_centroids": centroids.cpu() if centroids is not None else None, "pgc_labels": labels.cpu(),

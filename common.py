@@ -302,9 +302,10 @@ def _regions(scene, directions, rng, regions, dim, noise=0.6):
     return np.maximum(features, 0)[rng.permutation(regions)]
 
 
-def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12, dim=128):
+def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12, dim=128, levels=LEVELS):
     """Write train/dev/test of the toy world to `root` in the precomputed layout, plus
-    {split}_scenes.json (each image's scene and its captions' specificity levels)."""
+    {split}_scenes.json (each image's scene and its captions' specificity levels). `levels`: the
+    specificity of each image's 5 captions (0 generic ... 3 detailed)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -321,7 +322,7 @@ def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12
         features = np.stack([_regions(s, directions, rng, regions, dim) for s in scenes]).astype(np.float32)
         captions = []
         for scene in scenes:
-            scene["levels"] = [int(level) for level in rng.permutation(LEVELS)]
+            scene["levels"] = [int(level) for level in rng.permutation(levels)]
             captions += [_caption(scene, level, rng) for level in scene["levels"]]
         np.save(root / f"{split}_ims.npy", features)
         (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")

@@ -34,6 +34,15 @@ def numpy_dcl(S, mu, gamma, div, negatives):
     return mu / S.shape[0] * total
 
 
+def numpy_dcl_relative(S, mu, gamma, div, negatives):
+    """Eq. 5 with the positive inside the exponent: a relative margin, as the triplet loss has."""
+    total = 0.0
+    for n in range(S.shape[0]):
+        inner = sum(math.exp((S[n, q] - S[n, n] + gamma) / (mu * div[n])) for q in range(S.shape[1]) if negatives[n, q])
+        total += math.log(inner + 1)
+    return mu / S.shape[0] * total
+
+
 @pytest.fixture
 def sim():
     rng = np.random.default_rng(0)
@@ -69,6 +78,33 @@ def test_dcl_loss_eq5_matches_numpy_loop_with_div_and_bank_mask(sim):
     div = np.array([1.0, 0.7, 0.55, 0.9, 0.6, 0.8])
     got = cr.dcl_loss(torch.tensor(sim), 0.1, 0.3, torch.tensor(div), torch.tensor(mask)).item()
     assert got == pytest.approx(numpy_dcl(sim, 0.1, 0.3, div, mask), rel=1e-6)
+
+
+def test_dcl_positive_readings_match_numpy_loops(sim):
+    mask = np.random.default_rng(3).random(sim.shape) > 0.3
+    np.fill_diagonal(mask, False)
+    div = np.array([1.0, 0.7, 0.55, 0.9, 0.6, 0.8])
+    args = (torch.tensor(sim), 0.1, 0.3, torch.tensor(div), torch.tensor(mask))
+    assert cr.dcl_loss(*args, positive="relative").item() == pytest.approx(numpy_dcl_relative(sim, 0.1, 0.3, div, mask), rel=1e-6)
+    # unscaled: mu only on the negative term, so it differs from the printed one by (1 - mu) mean log(S_nn + 1)
+    expected = numpy_dcl(sim, 0.1, 0.3, div, mask) - 0.9 * np.mean(np.log(np.diag(sim) + 1))
+    assert cr.dcl_loss(*args, positive="unscaled").item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_printed_eq5_rewards_a_constant_similarity_the_relative_reading_does_not():
+    """The concept-branch collapse: at S = s for every pair, Eq. 5 as printed has a minimum in s at
+    mu / (1 + s) = (N - 1) e / (1 + (N - 1) e), e = exp((s - gamma) / mu) (here s* ~ -0.35 for N = 128), so an
+    embedding that says the same for every input is a stationary point; with S_nn inside the exponent a
+    common shift of all similarities changes nothing and the loss stays at its maximum."""
+    N, mu, gamma = 128, 0.1, 0.3
+    grid = np.linspace(-0.6, 0.0, 601)
+    e = np.exp((grid - gamma) / mu)
+    by_hand = grid[np.argmin(np.abs(mu / (1 + grid) - (N - 1) * e / (1 + (N - 1) * e)))]
+    losses = [cr.dcl_loss(torch.full((N, N), s, dtype=torch.float64), mu, gamma).item() for s in grid]
+    assert grid[int(np.argmin(losses))] == pytest.approx(by_hand, abs=1e-3) and by_hand == pytest.approx(-0.35, abs=0.01)
+    relative = [cr.dcl_loss(torch.full((N, N), s, dtype=torch.float64), mu, gamma, positive="relative").item()
+                for s in (-0.5, 0.0, 0.5)]
+    assert relative == pytest.approx([mu * math.log(1 + (N - 1) * math.exp(gamma / mu))] * 3)
 
 
 def test_eq4_equals_eq5_when_div_is_one(sim):
@@ -170,6 +206,43 @@ def test_same_image_and_empty_slots_are_not_negatives():
     changed[0, 3] = 0.99  # a queued caption of image 0: must not change image 0's loss
     mask = cr.bank_negatives(anchors, keys)
     assert cr.dcl_loss(sim, negatives=mask).item() == pytest.approx(cr.dcl_loss(changed, negatives=mask).item())
+
+
+def test_identical_captions_are_not_negatives():
+    texts = cr.caption_text_ids(np.array([[5, 6, 0], [7, 8, 0], [5, 6, 0], [5, 6, 9]]))
+    assert texts[0] == texts[2] and len(set(texts.tolist())) == 3
+    anchors, anchor_texts = torch.tensor([0, 1]), torch.tensor([3, 4])
+    keys, key_texts = torch.tensor([0, 1, 5, 6, 7, -1]), torch.tensor([3, 4, 4, 3, 9, -1])
+    assert cr.bank_negatives(anchors, keys, anchor_texts, key_texts).tolist() == [
+        [False, True, True, False, True, False],
+        [True, False, False, True, True, False]]
+    bank = cr.MemoryBank(3, 2)
+    bank.enqueue(torch.ones(2, 2), torch.tensor([1, 2]), torch.tensor([30, 40]))
+    assert bank.text_ids.tolist() == [30, 40, -1]
+
+
+def test_masked_identical_caption_in_the_bank_leaves_the_loss_unchanged(tiny):
+    args = cr.parse_args(tiny_args(tiny, "--mask-identical"))
+    tokenizer, text_model = cr.load_text_model(args.text_encoder)
+    feats, tokens, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
+    torch.manual_seed(0)
+    model, _, _ = cr.build_model(args, feats.shape[2], text_model, tokenizer, caps)
+    idx = np.array([0])  # one anchor pair: every queued key is compared with it alone
+    regions = cr.image_batch(feats, idx // 5, torch.device("cpu"))
+    ids, mask = cr.text_batch(tokens, idx, tokenizer.pad_token_id, torch.device("cpu"))
+    image_ids, text_ids = torch.from_numpy(idx // 5), torch.tensor([100])
+    model.text_queue.enqueue(cr.l2norm(torch.randn(40, 32)), torch.arange(20, 60), torch.arange(200, 240))
+    model.text_queue.text_ids[7] = 100  # a caption of image 27 worded exactly as anchor 0's caption
+
+    def loss():
+        torch.manual_seed(1)
+        return cr.coder_loss(model, regions, ids, mask, image_ids, torch.full((1,), -1), args, text_ids)[1]["M-DCL"].item()
+
+    before = loss()
+    model.text_queue.feats[7] = -model.text_queue.feats[7]
+    assert loss() == pytest.approx(before, rel=1e-6)
+    model.text_queue.feats[8] = -model.text_queue.feats[8]  # an ordinary negative: it counts
+    assert loss() != pytest.approx(before, rel=1e-6)
 
 
 # --- Concept graph and branch ---
