@@ -21,7 +21,9 @@ it. With beta = 0.9 the constant S_C then leaves the ranking as S_I makes it.
 import argparse
 import copy
 import math
+import json
 import os
+import pickle
 import sys
 import time
 from collections import Counter
@@ -61,6 +63,8 @@ def parse_args(argv=None):
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a real benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (precomputed layout)")
     add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers text model")
+    add("--concept-file", default=None, help="CVSE's concepts as .npz (words, glove, cooccurrence, counts; see "
+        "convert_cvse_concepts) instead of concepts picked from the training captions")
     add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
         help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
@@ -85,6 +89,8 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
     add("--concept-lambda", type=float, default=10.0, help="softmax sharpness lambda of the concept attention (Eq. 2; CVSE's 10)")
+    add("--concept-cosine", action=argparse.BooleanOptionalAction, default=False,
+        help="L2-normalise the projected query of Eq. 2, so that lambda alone sets the softmax sharpness")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
     add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")
     add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default 10000 F30K, 20000 COCO)")
@@ -217,7 +223,8 @@ class TextEncoder(nn.Module):
 STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there
 these those his her their he she they we you i by for from as into onto over under near next up down
 out off some one two three four five several many other another each while who which what where has
-have having does do photo picture image view front top side back very""".split())
+have having does do photo picture image view front top side back very through around outside behind
+together inside along above across during against about all them him among""".split())
 
 
 def concept_vocabulary(captions, g):
@@ -274,25 +281,75 @@ def concept_inputs(concepts, tokenizer, word_embeddings, glove=None):
     return torch.stack(rows).detach().float()
 
 
+def load_concept_file(path):
+    """CVSE's concepts as an .npz: `words` (g,), `glove` (g, 300), `cooccurrence` (g, g) caption counts
+    and `counts` (g,), the ML-GCN input (convert_cvse_concepts makes one from CVSE's own files)."""
+    if not Path(path).is_file():
+        raise DataError(f"concept file {path} not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+        words, X, counts, nums = [str(w) for w in z["words"]], z["glove"], z["cooccurrence"], z["counts"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
+    g = len(words)
+    if X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
+        raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
+    counts = counts.astype(np.float64)
+    np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
+    return words, torch.from_numpy(X.astype(np.float32)), counts, nums.astype(np.float64)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
+        return super().find_class(module, name)
+
+
+def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
+    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle
+    and the ML-GCN adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for
+    --concept-file. Pickles are read with NumpyOnlyUnpickler."""
+    def unpickle(path):
+        with open(path, "rb") as f:
+            try:
+                return NumpyOnlyUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise DataError(f"{path}: {e}")
+    index = json.loads(Path(category_json).read_text(encoding="utf-8"))
+    words = sorted(index, key=index.get)
+    adj = unpickle(adj_pkl)
+    counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
+    np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
+             cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
+
+
 def gcn(X, A_hat, W1, W2):
     """Two graph convolutions (Kipf & Welling) with LeakyReLU(0.2) between: Y = A(lrelu(A X W1)) W2."""
     return l2norm(A_hat @ F.leaky_relu(A_hat @ X @ W1, 0.2) @ W2)
 
 
-def concept_scores(query, W, Y, lam):
-    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. The query is used as
-    printed (not normalised), so the model can learn its own sharpness on top of lam."""
-    return torch.softmax(lam * (query @ W) @ Y.t(), dim=-1)
+def concept_scores(query, W, Y, lam, cosine=False):
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts; with `cosine` the
+    projected query is L2-normalised, so that (Y being unit rows) lam alone sets the sharpness."""
+    query = query @ W
+    return torch.softmax(lam * (l2norm(query) if cosine else query) @ Y.t(), dim=-1)
 
 
-def concept_attention(query, W, Y, lam):
+def concept_attention(query, W, Y, lam, cosine=False):
     """Eq. 2: v^C = sum_i a_i y_i (L2-normalised)."""
-    return l2norm(concept_scores(query, W, Y, lam) @ Y)
+    return l2norm(concept_scores(query, W, Y, lam, cosine) @ Y)
 
 
 class ConceptBranch(nn.Module):
-    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda):
+    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine=False):
         super().__init__()
+        self.cosine = cosine
         self.register_buffer("X", torch.zeros(n_concepts, concept_dim))     # fixed, as GloVe in CVSE
         self.register_buffer("A_hat", torch.eye(n_concepts))               # fixed during training
         self.W1 = nn.Parameter(torch.randn(concept_dim, embed_size // 2) / math.sqrt(concept_dim))
@@ -308,10 +365,10 @@ class ConceptBranch(nn.Module):
         return gcn(self.X, self.A_hat, self.W1, self.W2)
 
     def image_scores(self, v_local, Y):
-        return concept_scores(aggregate(self.query_v(v_local)), self.W_v, Y, self.lam)
+        return concept_scores(aggregate(self.query_v(v_local)), self.W_v, Y, self.lam, self.cosine)
 
     def text_scores(self, w_local, mask, Y):
-        return concept_scores(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam)
+        return concept_scores(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam, self.cosine)
 
     def image(self, v_local, Y):
         return l2norm(self.image_scores(v_local, Y) @ Y)
@@ -368,11 +425,11 @@ class MemoryBank(nn.Module):
 
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
-                 concept_lambda=10.0, n_prototypes=0, bank_size=0):
+                 concept_lambda=10.0, n_prototypes=0, bank_size=0, concept_cosine=False):
         super().__init__()
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
-        self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda) if n_concepts else None
+        self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine) if n_concepts else None
         self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
         if bank_size:
@@ -627,13 +684,15 @@ def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
     entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
     return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
             "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
-            "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std())}
+            "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
+            "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
 
 
 def format_concept_usage(u):
     return (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
             f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
-            f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}")
+            f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
+            f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
 
 
 def similarity(emb, beta, images=slice(None), captions=slice(None)):
@@ -720,7 +779,10 @@ def autocast(device):
 
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     concepts, X, A_hat = [], None, None
-    if args.concepts:
+    if args.concepts and args.concept_file:  # CVSE's concepts, GloVe vectors and co-occurrence counts
+        concepts, X, counts, nums = load_concept_file(args.concept_file)
+        A_hat = torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight))
+    elif args.concepts:
         concepts = concept_vocabulary(train_captions, args.n_concepts)
         counts, nums = cooccurrence(train_captions, concepts)
         A_hat = torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight))
@@ -728,7 +790,7 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
-                      bank_size=args.bank_size if args.bank else 0)
+                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine)
     model = CODER(**model_args)
     model.text_encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:

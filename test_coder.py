@@ -290,6 +290,32 @@ def test_concept_inputs_from_glove_file_or_mean_of_word_pieces(tmp_path):
         cr.concept_inputs(["dog"], None, None, str(tmp_path / "none.txt"))
 
 
+def test_cvse_concept_files_convert_safely_and_load(tmp_path):
+    import json, pickle
+    words = ["dog", "grass", "red"]
+    (tmp_path / "category_concepts.json").write_text(json.dumps({"grass": 1, "dog": 0, "red": 2}))
+    glove = np.arange(9, dtype=np.float32).reshape(3, 3)
+    counts = np.array([[4, 2, 0], [2, 5, 1], [0, 1, 3]])
+    (tmp_path / "glove.pkl").write_bytes(pickle.dumps(glove))
+    (tmp_path / "adj.pkl").write_bytes(pickle.dumps({"adj_all": counts, "nums": np.array([4, 5, 3])}))
+    cr.convert_cvse_concepts(tmp_path / "category_concepts.json", tmp_path / "glove.pkl", tmp_path / "adj.pkl",
+                             tmp_path / "cvse.npz")
+    got_words, X, got_counts, nums = cr.load_concept_file(tmp_path / "cvse.npz")
+    assert got_words == words and torch.equal(X, torch.from_numpy(glove))
+    assert got_counts.tolist() == [[0, 2, 0], [2, 0, 1], [0, 1, 0]] and nums.tolist() == [4, 5, 3]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"adj_all": Evil(), "nums": np.zeros(3)}))
+    with pytest.raises(DataError, match="not a numpy array"):
+        cr.convert_cvse_concepts(tmp_path / "category_concepts.json", tmp_path / "glove.pkl", tmp_path / "evil.pkl",
+                                 tmp_path / "x.npz")
+    np.savez(tmp_path / "bad.npz", words=np.array(words), glove=glove[:2], cooccurrence=counts, counts=np.ones(3))
+    with pytest.raises(DataError, match="3 words but glove"):
+        cr.load_concept_file(tmp_path / "bad.npz")
+
+
 def test_concept_attention_matches_numpy():
     rng = np.random.default_rng(4)
     q, W, Y = rng.normal(size=(2, 4)), rng.normal(size=(4, 4)), rng.normal(size=(5, 4))
@@ -341,8 +367,12 @@ def tiny(tmp_path_factory):
     make_toy_world(root / "toy", n_train=60, n_dev=20, n_test=20, regions=4, dim=16)
     words = sorted({w for split in ("train", "dev", "test")
                     for line in (root / "toy" / f"{split}_caps.txt").read_text().splitlines() for w in tokenize(line)})
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})  # transformers >= 5
+    if len(tokenizer) != len(vocab):
+        tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))  # transformers 4
+    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer("a dog")["input_ids"]
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
