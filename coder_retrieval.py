@@ -68,7 +68,7 @@ def parse_args(argv=None):
     add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
         help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
-    add("--dcl-positive", default="printed", choices=["printed", "unscaled", "relative"],
+    add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
         help="positive term of Eq. 4/5: as printed, as printed without the mu factor, or S_nn inside the exponent")
     add("--mask-identical", action=argparse.BooleanOptionalAction, default=False,
         help="a caption identical to the anchor pair's own is not a negative (batch and banks)")
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
     add("--concept-lambda", type=float, default=10.0, help="softmax sharpness lambda of the concept attention (Eq. 2; CVSE's 10)")
-    add("--concept-cosine", action=argparse.BooleanOptionalAction, default=False,
+    add("--concept-cosine", action=argparse.BooleanOptionalAction, default=True,
         help="L2-normalise the projected query of Eq. 2, so that lambda alone sets the softmax sharpness")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
     add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")

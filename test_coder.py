@@ -426,6 +426,26 @@ def test_a_few_steps_lower_the_loss_and_checkpoint_reloads_identically(tiny, tmp
     assert torch.equal(model.text_queue.feats, reloaded.text_queue.feats)
 
 
+def concept_usage_after_training(tiny, *flags):
+    args = cr.parse_args(tiny_args(tiny, "--epochs", "6", "--lr", "1e-3", "--no-bank", "--no-pgc", *flags))
+    torch.manual_seed(0)
+    model, _, _ = cr.train(args, torch.device("cpu"), tiny / "toy")
+    tokenizer, _ = cr.load_text_model(args.text_encoder)
+    feats, tokens, _ = cr.load_retrieval_split(tiny / "toy", "dev", tokenizer, args.max_len)
+    return cr.concept_usage(model, feats, tokens, tokenizer.pad_token_id, torch.device("cpu"))
+
+
+def test_concept_branch_does_not_collapse_and_the_printed_setup_does(tiny):
+    """Eq. 2 over a sharp softmax with Eq. 5 as printed sends every image to one concept and every
+    caption to another (S_C constant); the defaults keep several concepts in use and S_C spread."""
+    fixed = concept_usage_after_training(tiny, "--concept-lambda", "3")
+    printed = concept_usage_after_training(tiny, "--dcl-positive", "printed", "--no-concept-cosine",
+                                           "--concept-lambda", "10")
+    print(cr.format_concept_usage(fixed), cr.format_concept_usage(printed), sep="\n")
+    assert printed["argmax_images"] == 1 and printed["S_C_sd"] < 0.03
+    assert fixed["argmax_images"] >= 3 and fixed["argmax_captions"] >= 3 and fixed["S_C_sd"] > 0.05
+
+
 def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
     rows = cr.main(tiny_args(tiny, "--epochs", "2"))  # 2 epochs: PGC gets K-means labels once
     (name, metrics), = rows
