@@ -44,7 +44,7 @@ def run_killed(tmp_path):
     """run_killed(command, checkpoint, step_of, steps) starts a training command, waits until its
     `checkpoint` holds a step drawn at random from `steps` (step_of reads it from the checkpoint), and
     sends SIGKILL a random 0-50 ms later: mid-step or mid-save, as a preemption would. Returns the
-    drawn step and the step the checkpoint holds after the kill."""
+    drawn step, the step the checkpoint holds after the kill and the run's output."""
     def run(command, checkpoint, step_of, steps, env=None):
         rng = random.Random()
         target = rng.choice(list(steps))
@@ -60,5 +60,5 @@ def run_killed(tmp_path):
                 process.kill()
                 process.wait()
         assert process.returncode == -9, f"not killed mid-run (target step {target}): {log_path.read_text()[-2000:]}"
-        return target, step_of(load_checkpoint(checkpoint))
+        return target, step_of(load_checkpoint(checkpoint)), log_path.read_text()
     return run

@@ -424,7 +424,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
         return epoch * steps_per_epoch + step
 
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same thread count: the same sums
-    target, saved = run_killed([sys.executable, Path(cr.__file__), *argv, "--out-dir", killed], killed / "last.pt",
+    target, saved, _ = run_killed([sys.executable, Path(cr.__file__), *argv, "--out-dir", killed], killed / "last.pt",
                                step_of, range(1, 24), env)
     print(f"coder: killed after last.pt reached step {target}; it held step {saved} of {2 * steps_per_epoch}")
     resumed = cr.main(argv + ["--out-dir", str(killed), "--resume", str(killed / "last.pt")])
