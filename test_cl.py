@@ -583,6 +583,9 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_identical(stage, world, mle_
     # the next save (saved + 4) never completed: fewer than 4 steps were lost and are replayed
     print(f"{stage}: killed after last.pt reached step {target}; it held step {saved} of {steps}")
     resumed = cl.main(argv + ["--out-dir", str(killed), "--resume"])
+    after, before = (resumed, straight) if stage == "mle" else (resumed["target"], straight["target"])
+    print(f"{stage}: test CIDEr {after['CIDEr']!r}, R@1 {after['R@1']!r} after the kill and resume; "
+          f"{before['CIDEr']!r}, {before['R@1']!r} uninterrupted")
     assert resumed == straight
     for name in ("last.pt", "best.pt"):
         a, b = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(killed / name)

@@ -428,6 +428,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
                                step_of, range(1, 24), env)
     print(f"coder: killed after last.pt reached step {target}; it held step {saved} of {2 * steps_per_epoch}")
     resumed = cr.main(argv + ["--out-dir", str(killed), "--resume", str(killed / "last.pt")])
+    print(f"coder: test rsum {resumed[0][1]['rsum']!r} after the kill and resume, {straight[0][1]['rsum']!r} uninterrupted")
     assert resumed[0][1]["rsum"] == straight[0][1]["rsum"]
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(killed / "last.pt")
     assert torch.equal(a["pgc_labels"], b["pgc_labels"]) and torch.equal(a["pgc_store"], b["pgc_store"])
