@@ -27,9 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, barrier, broadcast_from_master, image_batch,
-                    load_checkpoint, load_split, pick_device, prepare_data, save_checkpoint, setup_distributed,
-                    shutdown_distributed, tokenize, wrap_ddp)
+from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, NonFiniteWatch, Vocab, barrier, broadcast_from_master,
+                    image_batch, load_checkpoint, load_split, nonfinite_images, pick_device, prepare_data,
+                    require_at_least, require_finite, require_writable, rng_states, save_checkpoint, set_rng_states,
+                    setup_distributed, shutdown_distributed, some_ids, tokenize, wrap_ddp)
 
 # --- Configuration --------------------------------------------------------------------------------
 # Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (NOTES.md).
@@ -43,6 +44,10 @@ def build_parser():
     p.add_argument("--init", default=None, help="checkpoint the CL target starts from (default: --ref)")
     p.add_argument("--eval", default=None, help="only evaluate this checkpoint on the test split")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
+    p.add_argument("--save-every", type=int, default=1000,
+                   help="also write last.pt every this many steps, not only at the end of an epoch (0: never)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="leave out training images whose features hold NaN or inf (found by one pass over the file)")
     p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/<stage>-<model>-<dataset>)")
     p.add_argument("--model", default="showtell", choices=["showtell", "adaatt"],
                    help="MLE model: NeuralTalk2/ShowTell or AdaptiveAttention (CL takes it from --init)")
@@ -105,6 +110,16 @@ def parse_args(argv=None):
         args.epochs = 10 if args.stage == "cl" else 30
     if args.lr is None:
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
+    require_at_least(args, {"batch_images": 1, "K": 1, "epochs": 0, "max_steps": 0, "save_every": 0, "rnn_size": 1,
+                            "emb_size": 1, "max_words": 1, "min_count": 1, "beam_size": 1, "val_images": 0,
+                            "val_retrieval_images": 0, "retrieval_images": 0, "pairs_per_forward": 1,
+                            "replace_ref_every": 0, "threads": 0})
+    for name in ("lr", "nu", "grad_clip"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("dropout", "target_dropout", "beta1"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     return args
 
 
@@ -308,6 +323,7 @@ def standardize_features(model, features, n=2000):
     model: what varies between images then has unit scale from the first step (a frozen BatchNorm,
     as self-critical.pytorch's --use_bn). Without it the toy world's captioners ignore the image."""
     sample = torch.from_numpy(np.array(features[:n], dtype=np.float32)).flatten(0, 1)
+    sample = sample[torch.isfinite(sample).all(1)]  # a NaN image is reported by the training loop, not spread
     model.feat_mean.copy_(sample.mean(0))
     model.feat_std.copy_(sample.std(0).clamp_min(1e-6))
     return model
@@ -482,10 +498,11 @@ def run_name(args, kind):
     return args.out_dir or f"runs/{args.stage}-{kind}-{args.dataset}"
 
 
-def checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score):
+def checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score, rng):
+    """`epoch`: the epoch `step` lies in (the next one at its end); `rng`: rng_states() of every rank."""
     ckpt = {"model": captioner_record(target), "vocab": vocab.to_dict(), "args": vars(args), "stage": args.stage,
             "step": step, "epoch": epoch, "best_score": best_score, "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            "rng": rng, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     if reference is not None:  # the reference may have been replaced (Sec. 4.3)
         ckpt["reference"] = captioner_record(reference)
     return ckpt
@@ -521,23 +538,27 @@ def rank_share(global_ids, rank, world_size):
     return np.array_split(np.arange(len(global_ids)), world_size)[rank]
 
 
-def train(args, target, reference, train_data, dev, vocab, device, out_dir):
+def train(args, target, reference, train_data, dev, vocab, device, out_dir, keep=None):
     """MLE (reference is None) or CL; returns the path of the best checkpoint (by dev CIDEr).
     Under torchrun every rank trains on its share of each global batch of batch_images x world_size
-    images; rank 0 alone validates, prints and saves while the others wait."""
+    images; rank 0 alone validates, prints and saves while the others wait. `keep`: the training
+    images to use (default: all; --skip-nonfinite leaves some out)."""
     rank, local_rank, world_size = setup_distributed()
     master = rank == 0
     features, captions = train_data
     n_images = len(features)
+    keep = np.arange(n_images) if keep is None else np.asarray(keep)
     model = target  # what the loss calls: the target, or its DDP wrapper that averages gradients over ranks
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
         model = wrap_ddp(target, local_rank)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     global_batch = args.batch_images * world_size
-    steps_per_epoch = math.ceil(len(epoch_order(n_images, args.seed, 0, world_size)) / global_batch)
+    steps_per_epoch = math.ceil(len(epoch_order(len(keep), args.seed, 0, world_size)) / global_batch)
     step, start_epoch, best_score = 0, 0, -math.inf
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    best_state = None
+    kept = f"nothing saved yet in {out_dir}"
     if args.resume:
         ckpt = load_checkpoint(last_path)
         if ckpt.get("stage") != args.stage:
@@ -547,20 +568,42 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
                             f"resume with the flags of that run")
         if ckpt.get("world_size", 1) != world_size:
             raise DataError(f"{last_path} was written by {ckpt.get('world_size', 1)} processes; resume with as many")
+        for name in ("seed", "batch_images", "skip_nonfinite"):  # they fix the order of the batches
+            if ckpt["args"].get(name, False) != getattr(args, name):
+                raise DataError(f"{last_path} was trained with --{name.replace('_', '-')} {ckpt['args'].get(name)}; "
+                                f"resume with the same")
         target.load_state_dict(ckpt["model"]["state"])
         if reference is not None:
             reference.load_state_dict(ckpt["reference"]["state"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        if "rng" in ckpt:
+            set_rng_states(ckpt["rng"])
+        else:  # written before RNG states of all ranks were saved
+            torch.set_rng_state(ckpt["torch_rng"])
         step, start_epoch, best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
+        if reference is not None and args.replace_ref_every and best_score > -math.inf:
+            best_state = load_checkpoint(best_path)["model"]["state"]  # written by this run with best_score
+        kept = f"{last_path} keeps step {step}"
         if master:
             print(f"resuming {last_path} at step {step} (epoch {start_epoch + 1})")
-    best_state = None
+    watch = NonFiniteWatch("train")
+
+    def save_last(epoch_of_step):
+        """last.pt, after checking that nothing non-finite came up since the last look."""
+        nonlocal kept
+        watch.check(kept)
+        rng = rng_states()  # every rank's: a resumed run then draws the dropout masks this one would
+        if master:
+            save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch_of_step, best_score, rng),
+                            last_path)
+        kept = f"{last_path} keeps step {step}"
+        barrier()
+
     trained_captions, train_seconds = 0, 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     stopped = False
     for epoch in range(start_epoch, args.epochs):
-        order = epoch_order(n_images, args.seed, epoch, world_size)
+        order = keep[epoch_order(len(keep), args.seed, epoch, world_size)]
         batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
         done_in_epoch = step - epoch * steps_per_epoch
         target.train()
@@ -596,13 +639,17 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
                 torch.nn.utils.clip_grad_value_(target.parameters(), args.grad_clip)
                 optimizer.step()
                 step += 1
+                watch.add(step, ids, feats, {"MLE loss (Eq. 1)" if reference is None else "CL loss -J (Eq. 10)": loss})
                 trained_captions += len(batch) * CAPS_PER_IMAGE
                 bar.update(len(batch) * CAPS_PER_IMAGE)
                 if step % 25 == 0:  # .item() waits for the GPU: not every step
+                    watch.check(kept)
                     bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 if args.max_steps and step >= args.max_steps:
                     stopped = True
                     break
+                if args.save_every and step % args.save_every == 0 and step < (epoch + 1) * steps_per_epoch:
+                    save_last(epoch)  # mid-epoch: a kill -9 loses at most save_every steps
         except KeyboardInterrupt:
             stopped = True
             if master:
@@ -610,16 +657,16 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
         bar.close()
         train_seconds += time.time() - t0
         if stopped:
-            if master:
-                save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score), last_path)
-            barrier()
+            save_last(epoch)
             break
+        watch.check(kept)  # never a dev score, best.pt or table from non-finite weights
         scores = broadcast_from_master(validate(target, dev, vocab, args, device) if master else None)
         if scores["CIDEr"] > best_score:  # decided on rank 0's scores: every rank keeps the same best_state
             best_score = scores["CIDEr"]
             best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
             if master:
-                save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score), best_path)
+                save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score,
+                                           None), best_path)
         if master:
             print(f"epoch {epoch + 1}: dev " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
                   f" (best CIDEr {best_score:.3f})")
@@ -628,9 +675,7 @@ def train(args, target, reference, train_data, dev, vocab, device, out_dir):
                 reference.load_state_dict(best_state)
                 if master:
                     print("reference replaced by the best target so far")
-        if master:
-            save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score), last_path)
-        barrier()
+        save_last(epoch + 1)
     if trained_captions and master:
         print(f"trained {trained_captions} captions in {train_seconds:.0f}s: {trained_captions / train_seconds:.0f} "
               f"captions/s" + (f" over {world_size} processes" if world_size > 1 else ""))
@@ -651,6 +696,7 @@ def main(argv=None):
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
     feat_dim = train_features.shape[2]
     test = load_split(root, "test")
+    require_finite(test[0], "test")  # up front: a training run never ends in a table computed from NaN
 
     if args.eval:
         if rank != 0:
@@ -663,6 +709,16 @@ def main(argv=None):
 
     train_data = (train_features, encode_captions(vocab, train_text, args.max_words))
     dev = load_split(root, "dev")
+    require_finite(dev[0][:args.val_images], "dev")
+    keep = None  # without --skip-nonfinite the training loop itself stops at the first NaN image
+    if args.skip_nonfinite:
+        bad = nonfinite_images(train_features)
+        keep = np.setdiff1d(np.arange(len(train_features)), bad)
+        if len(keep) == 0:
+            raise DataError("every training image holds NaN or inf region features")
+        if rank == 0:
+            print(f"--skip-nonfinite: left out {len(bad)} of {len(train_features)} training images with NaN or inf "
+                  f"features" + (f" ({some_ids(bad)})" if len(bad) else ""))
     if args.stage == "cl":
         reference, _ = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)
         reference.eval().requires_grad_(False)
@@ -678,11 +734,12 @@ def main(argv=None):
         target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
         target = standardize_features(target, train_features).to(device)
     out_dir = Path(run_name(args, target.kind))
+    require_writable(out_dir)
     if rank == 0:
         print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
               f"{len(vocab)} words, {len(train_features)} training images, lr {args.lr:g}, {args.epochs} epochs, "
               f"device {device} x {world_size}; checkpoints in {out_dir}/")
-    best_path = train(args, target, reference, train_data, dev, vocab, device, out_dir)
+    best_path = train(args, target, reference, train_data, dev, vocab, device, out_dir, keep)
     if rank != 0:  # the test evaluation runs once, on rank 0
         return None
 

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CAPS_PER_IMAGE, DataError, barrier, image_batch, load_checkpoint,
-                    load_split, pick_device, prepare_data, save_checkpoint, setup_distributed, shutdown_distributed,
-                    tokenize, wrap_ddp)
+from common import (CAPS_PER_IMAGE, DataError, NonFiniteWatch, barrier, image_batch, load_checkpoint,
+                    load_split, nonfinite_images, pick_device, prepare_data, require_at_least, require_finite,
+                    require_writable, rng_states, save_checkpoint, set_rng_states, setup_distributed,
+                    shutdown_distributed, some_ids, tokenize, wrap_ddp)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -107,6 +108,10 @@ def parse_args(argv=None):
     add("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
     add("--resume", default=None, help="continue training from this checkpoint (e.g. runs/coder/last.pt)")
+    add("--save-every", type=int, default=1000,
+        help="also write last.pt every this many steps, not only at the end of an epoch (0: never)")
+    add("--skip-nonfinite", action="store_true",
+        help="leave out training images whose features hold NaN or inf (found by one pass over the file)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
@@ -122,7 +127,26 @@ def parse_args(argv=None):
         args.lr_update = max(1, args.epochs // 2)
     args.mdcl, args.div_bank = args.mdcl and args.bank, args.div_bank and args.bank
     args.pgc = args.pgc and args.concepts
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     return args
+
+
+def check_args(args, world_size):
+    """One line for a value that cannot work, before anything is loaded."""
+    require_at_least(args, {"batch_size": 2, "embed_size": 2, "epochs": 0, "lr_update": 0, "max_len": 3,
+                            "val_images": 1, "eval_batch_size": 1, "save_every": 0, "kmeans_iters": 0,
+                            "freeze_text_layers": 0})
+    require_at_least(args, {"n_concepts": 1} if args.concepts else {})
+    require_at_least(args, {"n_prototypes": 1} if args.pgc else {})
+    for name in ("lr", "mu", "eps"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.bank and args.bank_size < args.batch_size * world_size:
+        raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
+                        f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
+                        f"at least one batch (or pass --no-bank)")
+    if not 0 <= args.momentum <= 1 or not 0 <= args.beta <= 1:
+        raise DataError(f"--momentum and --beta must lie in [0, 1], got {args.momentum} and {args.beta}")
 
 
 # The toy world is small and must run in a few minutes on 2 CPU cores: these replace the paper's
@@ -851,13 +875,34 @@ def train(args, device, root):
     tokenizer, text_model = load_text_model(args.text_encoder)
     train_feats, train_tokens, train_caps = load_retrieval_split(root, "train", tokenizer, args.max_len)
     dev_feats, dev_tokens, _ = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)
-    start_epoch, best_rsum, centroids, labels = 0, -1.0, None, None
+    require_finite(dev_feats, "dev")
+    n_pairs = len(train_tokens)
+    pairs = np.arange(n_pairs)  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
+    if args.skip_nonfinite:
+        bad = nonfinite_images(train_feats)
+        pairs = pairs[~np.isin(pairs // CAPS_PER_IMAGE, bad)]
+        if len(pairs) == 0:
+            raise DataError("every training image holds NaN or inf region features")
+        if master:
+            print(f"--skip-nonfinite: left out {len(bad)} of {len(train_feats)} training images with NaN or inf "
+                  f"features" + (f" ({some_ids(bad)})" if len(bad) else ""))
+    global_batch = args.batch_size * world_size
+    steps = len(pairs) // global_batch  # per epoch; the last partial batch is dropped
+    start_epoch, start_step, best_rsum, centroids, labels, ckpt = 0, 0, -1.0, None, None, None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         model = model_from_checkpoint(ckpt)
         model_args, concepts = ckpt["model_args"], ckpt["concepts"]
         check_features(train_feats, model_args, "train")
-        start_epoch, best_rsum = ckpt["epoch"] + 1, ckpt["best_rsum"]
+        start_epoch, start_step = ckpt.get("resume_at", (ckpt["epoch"] + 1, 0))
+        if start_step:  # mid-epoch: these fix which pairs the rest of the epoch holds
+            saved = dict(ckpt["args"], world_size=ckpt.get("world_size", 1))
+            for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("world_size", world_size),
+                                ("skip_nonfinite", args.skip_nonfinite)):
+                if saved.get(name, False) != value:
+                    raise DataError(f"{args.resume} was saved mid-epoch with {name} {saved.get(name)}, not {value}; "
+                                    f"resume with the same")
+        best_rsum = ckpt["best_rsum"]
         centroids, labels = ckpt["pgc_centroids"], ckpt["pgc_labels"]
     else:
         model, model_args, concepts = build_model(args, train_feats.shape[2], text_model, tokenizer, train_caps)
@@ -869,26 +914,49 @@ def train(args, device, root):
         torch.manual_seed(args.seed + rank)  # different dropout on every rank
         net = wrap_ddp(model, local_rank)
     optimizer = make_optimizer(model, args)
-    if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    n_pairs = len(train_tokens)
     pgc_store = torch.zeros(n_pairs, args.embed_size, device=device, dtype=torch.float16)
     pgc_seen = torch.zeros(n_pairs, dtype=torch.bool, device=device)
     labels = labels.to(device) if labels is not None else torch.full((n_pairs,), -1, dtype=torch.long, device=device)
+    last_path, best_path = Path(args.out_dir) / "last.pt", Path(args.out_dir) / "best.pt"
+    kept = f"nothing saved yet in {args.out_dir}"
+    if args.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("pgc_store") is not None:
+            pgc_store.copy_(ckpt["pgc_store"])
+            pgc_seen.copy_(ckpt["pgc_seen"])
+        if "rng" in ckpt:
+            set_rng_states(ckpt["rng"])
+        kept = f"{args.resume} keeps step {start_epoch * steps + start_step}"
     pad_id = tokenizer.pad_token_id
     text_ids = torch.from_numpy(caption_text_ids(train_tokens)).to(device) if args.mask_identical else None
-    global_batch = args.batch_size * world_size
+    watch = NonFiniteWatch("train")
+
+    def training_state(epoch, steps_done, rng):
+        """Everything a resumed run needs to go on from step `steps_done` of `epoch` as if never stopped
+        (the queues, their pointers and the momentum encoders are in the model's state_dict)."""
+        finished = steps_done == steps
+        return {"model": model.state_dict(), "model_args": model_args, "args": vars(args),
+                "epoch": epoch if finished else epoch - 1,  # the last finished epoch
+                "resume_at": (epoch + 1, 0) if finished else (epoch, steps_done),
+                "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "concepts": concepts, "pgc_centroids": centroids.cpu() if centroids is not None else None,
+                "pgc_labels": labels.cpu(), "pgc_store": pgc_store.cpu() if model.prototypes is not None else None,
+                "pgc_seen": pgc_seen.cpu() if model.prototypes is not None else None, "rng": rng,
+                "world_size": world_size, "text_encoder": args.text_encoder}
+
     train_seconds, train_pairs = 0.0, 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         set_lr(optimizer, args, epoch)
-        order = np.random.default_rng([args.seed, epoch]).permutation(n_pairs)  # same on every rank; --resume replays it
-        steps = n_pairs // global_batch  # drop the last partial batch
+        order = pairs[np.random.default_rng([args.seed, epoch]).permutation(len(pairs))]  # same on every rank
+        first_step = start_step if epoch == start_epoch else 0
         start = time.perf_counter()
         bar = tqdm(total=steps * global_batch, unit="pair", unit_scale=True, desc=f"epoch {epoch}",
-                   disable=not master, mininterval=2)
-        for step in range(steps):
+                   disable=not master, mininterval=2, initial=first_step * global_batch)
+        for step in range(first_step, steps):
             first = step * global_batch + rank * args.batch_size
             idx = order[first:first + args.batch_size]
             image_ids = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device)
@@ -913,14 +981,23 @@ def train(args, device, root):
             if model.prototypes is not None:
                 pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
                 pgc_seen[all_caption_idx] = True
+            global_step = epoch * steps + step + 1
+            watch.add(global_step, idx // CAPS_PER_IMAGE, regions, terms)
             bar.update(global_batch)
             if step % 10 == 0:  # .item() waits for the GPU: not every step
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr")
+                watch.check(kept)
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps:
+                watch.check(kept)  # mid-epoch: a kill -9 loses at most save_every steps
+                rng = rng_states()
+                if master:
+                    save_checkpoint(training_state(epoch, step + 1, rng), last_path)
+                kept = f"{last_path} keeps step {global_step}"
+                barrier()
         bar.close()
         train_seconds += time.perf_counter() - start
-        train_pairs += steps * global_batch
+        train_pairs += (steps - first_step) * global_batch
+        watch.check(kept)  # never cluster, validate or save what non-finite values made
         if model.prototypes is not None:  # online clustering of v^I + w^I for the next epoch (Sec. 3.4)
             seen = pgc_seen.nonzero().squeeze(1)
             k = model.prototypes.out_features
@@ -929,8 +1006,10 @@ def train(args, device, root):
                 labels[seen] = fresh
             if dist.is_initialized():
                 dist.broadcast(labels, src=0)
+        val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size) \
+            if master else None
+        rng = rng_states()
         if master:
-            val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size)
             improved = val["rsum"] > best_rsum
             best_rsum = max(best_rsum, val["rsum"])
             print(f"epoch {epoch}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})"
@@ -938,18 +1017,17 @@ def train(args, device, root):
             if model.concepts is not None:
                 print("  " + format_concept_usage(concept_usage(model, dev_feats, dev_tokens, pad_id, device,
                                                                 args.eval_batch_size)))
-            ckpt = {"model": model.state_dict(), "model_args": model_args, "args": vars(args), "epoch": epoch,
-                    "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "concepts": concepts,
-                    "pgc_centroids": centroids.cpu() if centroids is not None else None, "pgc_labels": labels.cpu(),
-                    "text_encoder": args.text_encoder}
-            save_checkpoint(ckpt, Path(args.out_dir) / "last.pt")
-            if improved:
-                save_checkpoint(ckpt, Path(args.out_dir) / "best.pt")
+            ckpt = training_state(epoch, steps, rng)
+            save_checkpoint(ckpt, last_path)
+            if improved:  # for evaluation and as a start: without the PGC store (1.2 GB on COCO) and RNG
+                save_checkpoint({k: v for k, v in ckpt.items() if k not in ("pgc_store", "pgc_seen", "rng")},
+                                best_path)
+        kept = f"{last_path} keeps step {(epoch + 1) * steps}"
         barrier()
     if train_pairs and master:
         print(f"trained on {train_pairs} pairs in {train_seconds:.0f}s: {train_pairs / train_seconds:.0f} pairs/s"
               + (f" over {world_size} processes" if world_size > 1 else ""))
-    return model, labels, Path(args.out_dir) / "best.pt"
+    return model, labels, best_path
 
 
 def evaluate_checkpoint(path, args, device, root):
@@ -960,6 +1038,7 @@ def evaluate_checkpoint(path, args, device, root):
     for name, split, folds in test_splits(args.dataset):
         features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
         check_features(features, ckpt["model_args"], split)
+        require_finite(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device,
                                     ckpt["args"]["beta"], folds, args.eval_batch_size)))
     print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f})")
@@ -974,6 +1053,9 @@ def main(argv=None):
     root = prepare_data(args.dataset, args.data_root)
     if args.eval:
         return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
+    require_writable(args.out_dir)
+    for _, split, _ in test_splits(args.dataset):  # up front: a run never ends in a table computed from NaN
+        require_finite(load_split(root, split)[0], split)
     start = time.perf_counter()
     _, _, best = train(args, device, root)
     if rank != 0:  # the test evaluation runs once, on rank 0

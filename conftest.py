@@ -1,12 +1,16 @@
-"""What the tests of both scripts share: running a function on several processes, as torchrun would."""
+"""What the tests of both scripts share: running a function on several processes, as torchrun would,
+and killing a training run with SIGKILL at a random step."""
 import os
+import random
 import socket
+import subprocess
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common import setup_distributed, shutdown_distributed
+from common import load_checkpoint, setup_distributed, shutdown_distributed
 
 
 def _free_port():
@@ -32,4 +36,29 @@ def run_ranks():
     """run_ranks(worker, *args) runs worker(rank, *args) on 2 processes joined in one process group."""
     def run(worker, *args, world_size=2):
         mp.spawn(_as_rank, args=(world_size, _free_port(), worker, args), nprocs=world_size)
+    return run
+
+
+@pytest.fixture
+def run_killed(tmp_path):
+    """run_killed(command, checkpoint, step_of, steps) starts a training command, waits until its
+    `checkpoint` holds a step drawn at random from `steps` (step_of reads it from the checkpoint), and
+    sends SIGKILL a random 0-50 ms later: mid-step or mid-save, as a preemption would. Returns the
+    drawn step, the step the checkpoint holds after the kill and the run's output."""
+    def run(command, checkpoint, step_of, steps, env=None):
+        rng = random.Random()
+        target = rng.choice(list(steps))
+        log_path = tmp_path / f"killed-{time.time_ns()}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([str(part) for part in command], stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                while not (checkpoint.exists() and step_of(load_checkpoint(checkpoint)) >= target):
+                    assert process.poll() is None, f"ended before step {target}: {log_path.read_text()[-2000:]}"
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0, 0.05))
+            finally:
+                process.kill()
+                process.wait()
+        assert process.returncode == -9, f"not killed mid-run (target step {target}): {log_path.read_text()[-2000:]}"
+        return target, step_of(load_checkpoint(checkpoint)), log_path.read_text()
     return run

@@ -3,9 +3,11 @@ equation against an independent numpy or brute-force computation, the command li
 tiny toy world, then the same on 2 processes."""
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 
 import cl_captioning as cl
 from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_checkpoint, load_split, make_toy_world,
-                    tokenize, wrap_ddp)
+                    nonfinite_images, save_checkpoint, tokenize, wrap_ddp)
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
@@ -111,6 +113,38 @@ def test_load_split_rejects_bad_input_with_one_clear_sentence(small_world, tmp_p
     (flat / "train_ims.npy").write_text("not numpy")
     with pytest.raises(DataError, match="not a readable .npy"):
         load_split(flat, "train")
+
+
+def caption_file_with(small_world, tmp_path, damage):
+    broken = copy_split(small_world, tmp_path / "broken")
+    data = (broken / "train_caps.txt").read_bytes()
+    (broken / "train_caps.txt").write_bytes(damage(data))
+    return broken
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data.replace(b"\n", b"\n\n", 1), r"line 2 of .*train_caps\.txt is empty \(image 0\); every image "
+                                                   r"needs 5 non-empty captions"),
+    (lambda data: b"a dog\n   \n" + data.split(b"\n", 2)[2], r"line 2 of .*train_caps\.txt is empty"),
+    (lambda data: data[:100] + b"\xff" + data[100:], r"train_caps\.txt is not UTF-8 text \(byte 0xff on line 2\); "
+                                                     r"save it as UTF-8"),
+], ids=["empty line", "blank line", "non-utf8"])
+def test_damaged_caption_file_is_a_one_line_error(small_world, tmp_path, damage, message):
+    with pytest.raises(DataError, match=message):
+        load_split(caption_file_with(small_world, tmp_path, damage), "train")
+
+
+def test_blank_lines_at_the_end_of_a_caption_file_are_ignored(small_world, tmp_path):
+    padded = caption_file_with(small_world, tmp_path, lambda data: data + b"\n  \n")
+    assert load_split(padded, "train")[1] == load_split(small_world, "train")[1]
+
+
+def test_nonfinite_images_finds_nan_and_inf_rows_chunk_by_chunk(tmp_path):
+    features = np.ones((10, 3, 4), dtype=np.float32)
+    features[2, 1, 3], features[7, 0, 0], features[9, 2, 1] = np.nan, np.inf, -np.inf
+    np.save(tmp_path / "x.npy", features)
+    for chunk in (1, 3, 64):
+        assert nonfinite_images(np.load(tmp_path / "x.npy", mmap_mode="r"), chunk).tolist() == [2, 7, 9]
 
 
 def test_toy_world_is_deterministic_for_a_seed(tmp_path):
@@ -467,6 +501,127 @@ def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
     assert "16-dimensional region features" in run.stderr and "8" in run.stderr
     with pytest.raises(cl.DataError, match="vocabulary"):
         cl.load_captioner(mle_checkpoint, Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "dog"]), 16, "cpu", "toy")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--K", "0"], r"^--K must be at least 1, got 0$"),
+    (["--batch-images", "0"], r"^--batch-images must be at least 1, got 0$"),
+    (["--nu", "0"], r"^--nu must be positive, got 0.0$"),
+    (["--out-dir", "{file}/run"], r"^cannot write checkpoints to .*file/run \(Not a directory\); pass --out-dir with a "
+                                  r"writable folder$"),
+], ids=["K 0", "batch-images 0", "nu 0", "unwritable out-dir"])
+def test_nonsense_arguments_are_one_line_errors(world, tmp_path, flags, message):
+    (tmp_path / "file").write_text("")
+    argv = TINY + ["--data-root", str(world), "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(DataError, match=message):
+        cl.main(argv + [flag.format(file=tmp_path / "file") for flag in flags])
+
+
+def world_with_nonfinite(world, root, split, images):
+    """A copy of `world` whose `split` images hold a NaN (even positions) or an inf (odd) somewhere."""
+    shutil.copytree(world, root)
+    features = np.load(root / f"{split}_ims.npy")
+    for n, image in enumerate(images):
+        features[image, n % 4, 3] = np.inf if n % 2 else np.nan
+    np.save(root / f"{split}_ims.npy", features)
+    return root
+
+
+def test_nan_training_image_stops_the_run_before_anything_is_saved(world, tmp_path, capsys):
+    root = world_with_nonfinite(world, tmp_path / "nan", "train", [7, 23])
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^train images 7, 23 hold NaN or inf region features; stopped, nothing saved "
+                                        r"yet in .*; repair train_ims\.npy or pass --skip-nonfinite$"):
+        cl.main(TINY + ["--data-root", str(root), "--out-dir", str(run), "--epochs", "1"])
+    assert not list(run.glob("*.pt"))
+    cl.main(TINY + ["--data-root", str(root), "--out-dir", str(run), "--epochs", "1", "--skip-nonfinite"])
+    assert "--skip-nonfinite: left out 2 of 60 training images with NaN or inf features (7, 23)" in capsys.readouterr().out
+    last = load_checkpoint(run / "last.pt")
+    assert last["step"] == 12 and all(torch.isfinite(v).all() for v in last["model"]["state"].values())
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_nan_dev_or_test_image_is_refused_before_training_and_evaluation(world, mle_checkpoint, tmp_path, split):
+    root = world_with_nonfinite(world, tmp_path / "nan", split, [3])
+    refused = rf"^{split} images 3 hold NaN or inf region features \(1 of 10\); repair {split}_ims\.npy$"
+    with pytest.raises(DataError, match=refused):
+        cl.main(TINY + ["--data-root", str(root), "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.pt"))
+    if split == "test":
+        with pytest.raises(DataError, match=refused):
+            cl.main(TINY + ["--data-root", str(root), "--eval", str(mle_checkpoint)])
+
+
+def test_nonfinite_loss_stops_with_its_step_and_leaves_last_pt_from_before(world, tmp_path, monkeypatch):
+    mle_loss, calls = cl.mle_loss, []
+
+    def nan_at_step_7(log_probs, captions):
+        calls.append(1)
+        return mle_loss(log_probs, captions) * (math.nan if len(calls) == 7 else 1.0)
+
+    monkeypatch.setattr(cl, "mle_loss", nan_at_step_7)
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^the loss became non-finite at step 7 \(MLE loss \(Eq. 1\) nan\); stopped, "
+                                        r".*last\.pt keeps step 6; try a lower --lr, or check the data$"):
+        cl.main(TINY + ["--data-root", str(world), "--out-dir", str(run), "--epochs", "1", "--save-every", "3"])
+    last = load_checkpoint(run / "last.pt")
+    assert last["step"] == 6 and all(torch.isfinite(v).all() for v in last["model"]["state"].values())
+    assert not (run / "best.pt").exists()
+
+
+@pytest.mark.parametrize("stage", ["mle", "cl"])
+def test_kill_9_at_a_random_step_then_resume_is_bit_identical(stage, world, mle_checkpoint, tmp_path, run_killed):
+    """SIGKILL lands anywhere (mid-step, mid-save) after a random mid-epoch checkpoint; --resume then
+    replays the lost steps with the same batches, negatives and dropout masks."""
+    argv = TINY + ["--data-root", str(world), "--batch-images", "2", "--save-every", "4", "--lr", "1e-2"] + \
+        (["--epochs", "3"] if stage == "mle" else ["--ref", str(mle_checkpoint), "--K", "2", "--epochs", "2"])
+    steps = 30 * (3 if stage == "mle" else 2)  # 60 images, 2 a step
+    straight = cl.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+    target, saved, _ = run_killed([sys.executable, HERE / "cl_captioning.py", *argv, "--out-dir", killed],
+                                  killed / "last.pt", lambda ckpt: ckpt["step"], range(1, 2 * steps // 3))
+    # the next save (saved + 4) never completed: fewer than 4 steps were lost and are replayed
+    print(f"{stage}: killed after last.pt reached step {target}; it held step {saved} of {steps}")
+    resumed = cl.main(argv + ["--out-dir", str(killed), "--resume"])
+    after, before = (resumed, straight) if stage == "mle" else (resumed["target"], straight["target"])
+    print(f"{stage}: test CIDEr {after['CIDEr']!r}, R@1 {after['R@1']!r} after the kill and resume; "
+          f"{before['CIDEr']!r}, {before['R@1']!r} uninterrupted")
+    assert resumed == straight
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(killed / name)
+        assert a["step"] == b["step"]
+        for key, value in a["model"]["state"].items():
+            assert torch.equal(b["model"]["state"][key], value), (name, key)
+
+
+SAVE_FOREVER = """
+import sys, torch
+from common import save_checkpoint
+step = 0
+while True:
+    step += 1
+    save_checkpoint({"step": step, "weights": torch.full((1_000_000,), float(step))}, sys.argv[1])
+"""
+
+
+def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    path, rng, mid_save = tmp_path / "last.pt", np.random.default_rng(), 0
+    for _ in range(5):
+        before = path.stat().st_mtime_ns if path.exists() else None
+        process = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], cwd=HERE)
+        try:
+            while not path.exists() or path.stat().st_mtime_ns == before:  # this process has saved once
+                assert process.poll() is None
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.2))
+        finally:
+            process.kill()
+            process.wait()
+        mid_save += (tmp_path / ".last.pt.tmp").exists()
+        ckpt = load_checkpoint(path)
+        assert torch.equal(ckpt["weights"], torch.full((1_000_000,), float(ckpt["step"])))
+        assert {p.name for p in tmp_path.iterdir()} <= {"last.pt", ".last.pt.tmp"}
+    print(f"{mid_save} of 5 kills landed during a save")
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------

@@ -1,6 +1,8 @@
 """Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
 protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -472,6 +474,89 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
         cr.main(tiny_args(tiny, "--eval", str(tiny / "junk.pt")))
     with pytest.raises(DataError, match="text encoder"):
         cr.main(tiny_args(tiny, "--text-encoder", str(tiny / "missing")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], r"^--batch-size must be at least 2, got 0$"),
+    (["--bank-size", "8"], r"^--bank-size 8 is smaller than the global batch of 16 pairs \(--batch-size x processes\); "
+                           r"a memory bank must hold at least one batch \(or pass --no-bank\)$"),
+    (["--out-dir", "{file}/runs"], r"^cannot write checkpoints to .*file/runs \(Not a directory\); pass --out-dir "
+                                   r"with a writable folder$"),
+], ids=["batch-size 0", "bank smaller than batch", "unwritable out-dir"])
+def test_nonsense_arguments_are_one_line_errors(tiny, tmp_path, flags, message):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=message):
+        cr.main(tiny_args(tiny, *[flag.format(file=tmp_path / "file") for flag in flags]))
+
+
+def with_nonfinite(tiny, root, split, image):
+    shutil.copytree(tiny / "toy", root)
+    features = np.load(root / f"{split}_ims.npy")
+    features[image, 1, 2] = np.nan
+    np.save(root / f"{split}_ims.npy", features)
+    return root
+
+
+def test_nan_image_stops_training_before_any_checkpoint_and_evaluation_refuses(tiny, tmp_path):
+    runs = tmp_path / "runs"
+    nan_train = with_nonfinite(tiny, tmp_path / "nan-train", "train", 5)
+    with pytest.raises(DataError, match=r"^train images 5 hold NaN or inf region features; stopped, nothing saved yet "
+                                        r"in .*; repair train_ims\.npy or pass --skip-nonfinite$"):
+        cr.main(tiny_args(tiny, "--data-root", str(nan_train), "--epochs", "1", "--out-dir", str(runs)))
+    assert not list(runs.glob("*.pt"))
+    cr.main(tiny_args(tiny, "--data-root", str(nan_train), "--epochs", "1", "--out-dir", str(runs), "--skip-nonfinite"))
+    nan_test = with_nonfinite(tiny, tmp_path / "nan-test", "test", 3)
+    with pytest.raises(DataError, match=r"^test images 3 hold NaN or inf region features \(1 of 20\); repair "
+                                        r"test_ims\.npy$"):
+        cr.main(tiny_args(tiny, "--data-root", str(nan_test), "--eval", str(runs / "best.pt")))
+
+
+def test_nonfinite_loss_stops_with_its_step_and_terms_and_leaves_last_pt_from_before(tiny, tmp_path, monkeypatch):
+    coder_loss, calls = cr.coder_loss, []
+
+    def nan_at_step_6(*args):
+        loss, terms, keys, pair_emb = coder_loss(*args)
+        calls.append(1)
+        if len(calls) == 6:
+            terms["I"] = terms["I"] * math.nan
+            loss = sum(terms.values())
+        return loss, terms, keys, pair_emb
+
+    monkeypatch.setattr(cr, "coder_loss", nan_at_step_6)
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match=r"^the loss became non-finite at step 6 \(M-DCL [\d.]+, I nan, C [\d.]+, "
+                                        r"PGC 0\); stopped, .*last\.pt keeps step 4; try a lower --lr"):
+        cr.main(tiny_args(tiny, "--epochs", "1", "--save-every", "4", "--out-dir", str(runs)))
+    last = load_checkpoint(runs / "last.pt")
+    assert last["resume_at"] == (0, 4) and all(torch.isfinite(v.float()).all() for v in last["model"].values())
+
+
+def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_rsum(tiny, tmp_path, run_killed):
+    """Mid-epoch checkpoints hold the queues, momentum encoders, PGC store and labels and every RNG;
+    the text encoder here has dropout, so the restored RNG states matter."""
+    from transformers import AutoTokenizer, BertModel
+    BertModel.from_pretrained(tiny / "bert", hidden_dropout_prob=0.1).save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(tiny / "bert").save_pretrained(tmp_path / "bert")
+    argv = tiny_args(tiny, "--text-encoder", str(tmp_path / "bert"), "--epochs", "2", "--save-every", "4")
+    straight = cr.main(argv + ["--out-dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+    steps_per_epoch = 300 // 16
+
+    def step_of(ckpt):
+        epoch, step = ckpt["resume_at"]
+        return epoch * steps_per_epoch + step
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same thread count: the same sums
+    target, saved, _ = run_killed([sys.executable, Path(cr.__file__), *argv, "--out-dir", killed], killed / "last.pt",
+                               step_of, range(1, 24), env)
+    print(f"coder: killed after last.pt reached step {target}; it held step {saved} of {2 * steps_per_epoch}")
+    resumed = cr.main(argv + ["--out-dir", str(killed), "--resume", str(killed / "last.pt")])
+    print(f"coder: test rsum {resumed[0][1]['rsum']!r} after the kill and resume, {straight[0][1]['rsum']!r} uninterrupted")
+    assert resumed[0][1]["rsum"] == straight[0][1]["rsum"]
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert torch.equal(a["pgc_labels"], b["pgc_labels"]) and torch.equal(a["pgc_store"], b["pgc_store"])
+    for key, value in a["model"].items():  # weights, momentum encoders, both queues and their pointers
+        assert torch.equal(b["model"][key], value), key
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) ---
