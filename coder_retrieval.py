@@ -12,11 +12,16 @@ Table 3 of the paper, one command a row (add --dataset/--data-root):
     #3 --loss dcl --no-mdcl --no-concepts       #6 --loss dcl --no-concepts
 Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
 
-Known issue: Eq. 5 as printed has a stationary point where all similarities are equal (mu = 0.1,
-gamma = 0.3, batch 128: S ~ -0.35). On the toy world the concept branch falls into it within ~10 steps,
-with or without PGC: every image attends to one concept and every caption to another (dev: S_C =
--0.350 +- 0.002, one argmax concept for all images). L2-normalising the query of Eq. 2 did not prevent
-it. With beta = 0.9 the constant S_C then leaves the ranking as S_I makes it.
+Two readings differ from the print, each one flag away (see "CODER on the toy world" in the README):
+- Eq. 4/5's positive term. As printed, -log(S_nn + 1) sits outside the log-sum and is scaled by mu: its
+  pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth of each negative's push, so training mostly drives
+  negatives below the absolute threshold gamma, and a constant similarity (S ~ -0.35 at batch 128) is
+  a stationary point. Default: S_nn inside the exponent, a relative margin as in the hinge
+  (--dcl-positive relative); --dcl-positive printed gives the print.
+- Eq. 2's query. Unnormalised, q^T W y grows until the softmax is one-hot on one concept for every
+  input (the concept branch collapses). Default: the projected query is L2-normalised, so lambda
+  alone sets the sharpness (--concept-cosine, lambda 3); --no-concept-cosine --concept-lambda 10 gives
+  the print with CVSE's lambda.
 """
 import argparse
 import copy
@@ -89,7 +94,8 @@ def parse_args(argv=None):
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
-    add("--concept-lambda", type=float, default=10.0, help="softmax sharpness lambda of the concept attention (Eq. 2; CVSE's 10)")
+    add("--concept-lambda", type=float, default=3.0,
+        help="softmax sharpness lambda of Eq. 2 (the paper gives none; CVSE's 10 scales a differently bounded score)")
     add("--concept-cosine", action=argparse.BooleanOptionalAction, default=True,
         help="L2-normalise the projected query of Eq. 2, so that lambda alone sets the softmax sharpness")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")

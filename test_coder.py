@@ -440,7 +440,7 @@ def concept_usage_after_training(tiny, *flags):
 def test_concept_branch_does_not_collapse_and_the_printed_setup_does(tiny):
     """Eq. 2 over a sharp softmax with Eq. 5 as printed sends every image to one concept and every
     caption to another (S_C constant); the defaults keep several concepts in use and S_C spread."""
-    fixed = concept_usage_after_training(tiny, "--concept-lambda", "3")
+    fixed = concept_usage_after_training(tiny)
     printed = concept_usage_after_training(tiny, "--dcl-positive", "printed", "--no-concept-cosine",
                                            "--concept-lambda", "10")
     print(cr.format_concept_usage(fixed), cr.format_concept_usage(printed), sep="\n")
