@@ -14,9 +14,9 @@ Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
 
 Two readings differ from the print, each one flag away (see "CODER on the toy world" in the README):
 - Eq. 4/5's positive term. As printed, -log(S_nn + 1) sits outside the log-sum and is scaled by mu: its
-  pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth of each negative's push, so training mostly drives
-  negatives below the absolute threshold gamma, and a constant similarity (S ~ -0.35 at batch 128) is
-  a stationary point. Default: S_nn inside the exponent, a relative margin as in the hinge
+  pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth or less of the push on its negatives (up to
+  1 / div_n >= 1 in all), so training mostly drives negatives below the absolute threshold gamma, and a
+  constant similarity (S ~ -0.35 at batch 128) is a stationary point. Default: S_nn inside the exponent, a relative margin as in the hinge
   (--dcl-positive relative); --dcl-positive printed gives the print.
 - Eq. 2's query. Unnormalised, q^T W y grows until the softmax is one-hot on one concept for every
   input (the concept branch collapses). Default: the projected query is L2-normalised, so lambda
@@ -74,6 +74,7 @@ def parse_args(argv=None):
     add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
         help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
+    # relative by default: the printed positive term barely pulls S_nn (module docstring, README)
     add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
         help="positive term of Eq. 4/5: as printed, as printed without the mu factor, or S_nn inside the exponent")
     add("--mask-identical", action=argparse.BooleanOptionalAction, default=False,
