@@ -521,13 +521,13 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
     images and one forward's (pairs, words, vocabulary) log-probs."""
     model.eval()
     memory = encode_images(model, features, ids, device)
-    captions = captions[:, :used_length(captions)]
     n = len(ids)
     image_block = min(n, pairs_per_forward)
     caption_block = max(1, pairs_per_forward // image_block)
     logp = torch.empty(n, n)
     for start in range(0, n, caption_block):
-        block_captions = captions[start:start + caption_block].to(device)
+        block_captions = captions[start:start + caption_block]
+        block_captions = block_captions[:, :used_length(block_captions)].to(device)  # no steps past its <eos>
         for image_start in range(0, n, image_block):
             images = torch.arange(image_start, min(image_start + image_block, n), device=device)
             logp[start:start + caption_block, image_start:image_start + len(images)] = model.log_prob_encoded(

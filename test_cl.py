@@ -386,11 +386,14 @@ def test_image_blind_captioner_scores_zero_self_retrieval():
 def test_retrieval_log_probs_match_one_pair_at_a_time(pairs_per_forward):
     model, feats = tiny_model("adaatt"), tiny_feats(5)
     captions = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, EOS], [4, EOS, PAD, PAD], [6, 6, EOS, PAD], [9, EOS, PAD, PAD]])
-    pairs = []
+    pairs, widths = [], []
     score = model.log_prob_encoded
-    model.log_prob_encoded = lambda memory, c, index: pairs.append(len(c)) or score(memory, c, index)
+    model.log_prob_encoded = lambda memory, c, index: pairs.append(len(c)) or widths.append(c.shape[1]) or \
+        score(memory, c, index)
     logp = cl.retrieval_log_probs(model, feats.numpy(), np.arange(5), captions, "cpu", pairs_per_forward)
     assert max(pairs) <= pairs_per_forward and sum(pairs) == 25  # memory bounded: never more pairs at once
+    if pairs_per_forward == 3:  # one caption against 3, then 2 images: cut to its own length, <eos> included
+        assert widths == [3, 3, 4, 4, 2, 2, 3, 3, 2, 2]
     for t in range(5):
         for j in range(5):
             assert logp[t, j].item() == pytest.approx(step_by_step_log_prob(model, feats[j], captions[t].tolist()), abs=1e-4)
