@@ -498,7 +498,7 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
     image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
     Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
     scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
-    logp = torch.as_tensor(logp, dtype=torch.float64)
+    logp = torch.as_tensor(logp)
     n = len(logp)
     own = logp.diagonal()[:, None]
     other = ~torch.eye(n, dtype=torch.bool)
