@@ -12,7 +12,10 @@ Read top to bottom: configuration, data, the two captioners (Sec. 5.1), MLE (Eq.
 learning (Sec. 4.2), self-retrieval and caption metrics (Sec. 4.1, 5), training loop, command line.
 """
 import argparse
+import contextlib
 import functools
+import io
+import json
 import math
 import shlex
 import shutil
@@ -403,6 +406,74 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
 
+def captioning_test_split(dataset):
+    """The captioning test split: Karpathy's 5,000 COCO test images are SCAN's testall (its test is
+    only the first 1,000); Flickr30K's is test."""
+    return "testall" if dataset == "coco" else "test"
+
+
+def load_image_ids(root, split, n_images):
+    """COCO / Flickr image ids of a split from SCAN's {split}_ids.txt, one a line per image or per
+    caption (then 5 equal lines per image); without the file, the row index."""
+    path = Path(root) / f"{split}_ids.txt"
+    if not path.is_file():
+        return list(range(n_images))
+    try:
+        ids = [int(line) for line in path.read_text().split()]
+    except ValueError:
+        raise DataError(f"{path} must hold one integer image id a line")
+    if len(ids) == CAPS_PER_IMAGE * n_images and all(len(set(ids[i:i + CAPS_PER_IMAGE])) == 1
+                                                     for i in range(0, len(ids), CAPS_PER_IMAGE)):
+        ids = ids[::CAPS_PER_IMAGE]
+    if len(ids) != n_images or len(set(ids)) != n_images:
+        raise DataError(f"{path} must hold {n_images} distinct image ids (one per image, or one per caption), "
+                        f"got {len(ids)} lines with {len(set(ids))} distinct ids")
+    return ids
+
+
+def quiet(function, *args):
+    """pycocotools prints a line per index it builds: keep the table readable."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args)
+
+
+def coco_ground_truth(references, image_ids):
+    """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = {"images": [{"id": int(i)} for i in image_ids],
+                    "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
+                                    for n, (i, refs) in enumerate(zip(image_ids, references))
+                                    for k, caption in enumerate(refs)]}
+    quiet(coco.createIndex)
+    return coco
+
+
+def coco_results(candidates, image_ids):
+    """The COCO caption results format, as the online test server takes it: one caption per image."""
+    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
+
+
+def results_path(checkpoint_path, split):
+    """Where --eval and a run's final evaluation write the captions: next to the checkpoint."""
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path.with_name(f"captions_{split}_{checkpoint_path.stem}_results.json")
+
+
+def ptb_available():
+    return shutil.which("java") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def warn_no_java():
+    print("warning: java not found: scores use [a-z]+ tokens, not the PTB tokenizer (not COCO-official), "
+          "and METEOR is skipped", file=sys.stderr)
+
+
+def scores_note():
+    return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
+
+
 @functools.lru_cache(maxsize=None)
 def meteor_scorer():
     """One METEOR java process for the whole run: starting one takes seconds."""
@@ -410,21 +481,29 @@ def meteor_scorer():
     return Meteor()
 
 
-def caption_metrics(references, candidates, meteor=True):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of candidates[i] against references[i] (lists of strings).
-    The pycocoevalcap scorers are called directly: COCOEvalCap would build SPICE, which downloads
-    Stanford models at run time (NOTES.md)."""
+def caption_metrics(coco, results, meteor=True):
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file, read with loadRes)
+    against the references in coco: COCOEvalCap.evaluate without SPICE, which downloads Stanford
+    models at run time (NOTES.md). References and candidates go through the PTB tokenizer as there;
+    without Java, through common.tokenize ([a-z]+) and without METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    gts = {i: list(refs) for i, refs in enumerate(references)}
-    res = {i: [cand] for i, cand in enumerate(candidates)}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    coco_res = quiet(coco.loadRes, str(results) if isinstance(results, Path) else results)
+    image_ids = coco.getImgIds()
+    gts = {i: coco.imgToAnns[i] for i in image_ids}
+    res = {i: coco_res.imgToAnns[i] for i in image_ids}
+    if ptb_available():
+        tokenizer = PTBTokenizer()
+        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    else:
+        warn_no_java()
+        gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
-    if meteor and shutil.which("java"):
+    if meteor and ptb_available():
         scores["METEOR"] = meteor_scorer().compute_score(gts, res)[0]
-    elif meteor:
-        print("warning: java not found, METEOR skipped", file=sys.stderr)
     scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
     return scores
@@ -432,10 +511,16 @@ def caption_metrics(references, candidates, meteor=True):
 
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
     """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t. Recall@k (in %) of
-    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N."""
+    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
+    Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
+    scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
     logp = torch.as_tensor(logp)
-    rank = (logp > logp.diagonal()[:, None]).sum(1)  # images strictly more likely than the true one
-    return {f"R@{k}": 100.0 * (rank < min(k, len(logp))).float().mean().item() for k in ks}
+    n = len(logp)
+    own = logp.diagonal()[:, None]
+    other = ~torch.eye(n, dtype=torch.bool)
+    rank = (~(logp < own) & other).sum(1)  # ~(x < own): x >= own, or either is NaN
+    rank[own[:, 0].isnan()] = n  # beyond every k
+    return {f"R@{k}": 100.0 * (rank < min(k, n)).double().mean().item() for k in ks}
 
 
 def encode_images(model, features, ids, device, chunk=500):
@@ -446,18 +531,24 @@ def encode_images(model, features, ids, device, chunk=500):
 
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j): all N images against a block of captions per forward."""
+    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward:
+    a block of captions against all N images, or, when N is larger, one caption against a block of
+    images. Memory stays fixed as N grows (the (N, N) result aside, held on the host): the encoded
+    images and one forward's (pairs, words, vocabulary) log-probs."""
     model.eval()
     memory = encode_images(model, features, ids, device)
-    captions = captions[:, :used_length(captions)]
     n = len(ids)
-    block = max(1, pairs_per_forward // n)
+    image_block = min(n, pairs_per_forward)
+    caption_block = max(1, pairs_per_forward // image_block)
     logp = torch.empty(n, n)
-    for start in range(0, n, block):
-        block_captions = captions[start:start + block].to(device)
-        image_index = torch.arange(n, device=device).repeat(len(block_captions))
-        logp[start:start + block] = model.log_prob_encoded(
-            memory, block_captions.repeat_interleave(n, 0), image_index).reshape(-1, n).float().cpu()
+    for start in range(0, n, caption_block):
+        block_captions = captions[start:start + caption_block]
+        block_captions = block_captions[:, :used_length(block_captions)].to(device)  # no steps past its <eos>
+        for image_start in range(0, n, image_block):
+            images = torch.arange(image_start, min(image_start + image_block, n), device=device)
+            logp[start:start + caption_block, image_start:image_start + len(images)] = model.log_prob_encoded(
+                memory, block_captions.repeat_interleave(len(images), 0), images.repeat(len(block_captions))
+            ).reshape(-1, len(images)).float().cpu()
     return logp
 
 
@@ -468,13 +559,20 @@ def generate_captions(model, features, ids, args, device, beam_size=1, batch=500
                       for i in range(0, len(ids), batch)])
 
 
-def evaluate(model, features, captions, vocab, args, device, beam_size, retrieval_images, meteor=True):
-    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first N."""
+def evaluate(model, features, captions, vocab, args, device, beam_size, retrieval_images, meteor=True,
+             image_ids=None, results_file=None):
+    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first N.
+    The captions go into a COCO results file when results_file is given, and are scored from it."""
     ids = np.arange(len(features))
+    image_ids = list(ids) if image_ids is None else image_ids
     generated = generate_captions(model, features, ids, args, device, beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
-    references = [[" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids]
-    scores = caption_metrics(references, candidates, meteor)
+    references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
+    results = coco_results(candidates, image_ids)
+    if results_file is not None:
+        Path(results_file).write_text(json.dumps(results))
+        results = Path(results_file)
+    scores = caption_metrics(coco_ground_truth(references, image_ids), results, meteor)
     n = min(retrieval_images, len(ids))
     if n > 0:
         logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
@@ -695,16 +793,23 @@ def main(argv=None):
     train_features, train_text = load_split(root, "train")
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
     feat_dim = train_features.shape[2]
-    test = load_split(root, "test")
-    require_finite(test[0], "test")  # up front: a training run never ends in a table computed from NaN
+    split = captioning_test_split(args.dataset)
+    test = load_split(root, split)
+    require_finite(test[0], split)  # up front: a training run never ends in a table computed from NaN
+    test_ids = load_image_ids(root, split, len(test[0]))
+    n_test = len(test[0])
+    title = (f"{split} split of {args.dataset} ({n_test} images; self-retrieval among "
+             f"{min(args.retrieval_images, n_test)}; {scores_note()})")
 
     if args.eval:
         if rank != 0:
             return None
         model, _ = load_captioner(args.eval, vocab, feat_dim, device, args.dataset)
-        scores, candidates = evaluate(model, *test, vocab, args, device, args.beam_size, args.retrieval_images)
-        print_table({Path(args.eval).name: scores}, f"test split of {args.dataset} ({len(test[0])} images; "
-                    f"self-retrieval among {min(args.retrieval_images, len(test[0]))})")
+        results_file = results_path(args.eval, split)
+        scores, candidates = evaluate(model, *test, vocab, args, device, args.beam_size, args.retrieval_images,
+                                      image_ids=test_ids, results_file=results_file)
+        print_table({Path(args.eval).name: scores}, title)
+        print(f"\ncaptions in COCO results format: {results_file}")
         return scores
 
     train_data = (train_features, encode_captions(vocab, train_text, args.max_words))
@@ -744,22 +849,25 @@ def main(argv=None):
         return None
 
     target, _ = load_captioner(best_path, vocab, feat_dim, device, args.dataset)
-    n_test = len(test[0])
-    title = f"test split of {args.dataset} ({n_test} images; self-retrieval among {min(args.retrieval_images, n_test)})"
-    target_scores, target_captions = evaluate(target, *test, vocab, args, device, args.beam_size, args.retrieval_images)
+    results_file = results_path(best_path, split)
+    target_scores, target_captions = evaluate(target, *test, vocab, args, device, args.beam_size, args.retrieval_images,
+                                              image_ids=test_ids, results_file=results_file)
     if args.stage == "mle":
         print_table({"MLE": target_scores}, title)
         data_flags = "" if args.dataset == "toy" and not args.data_root else \
             f" --dataset {args.dataset}" + (f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
-        print(f"\nbest checkpoint: {best_path}\nnext, contrastive learning against it:\n"
+        print(f"\nbest checkpoint: {best_path}\ncaptions in COCO results format: {results_file}\n"
+              f"next, contrastive learning against it:\n"
               f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data_flags}")
         return target_scores
     reference, _ = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)  # as it was before training
-    ref_scores, ref_captions = evaluate(reference, *test, vocab, args, device, args.beam_size, args.retrieval_images)
+    ref_scores, ref_captions = evaluate(reference, *test, vocab, args, device, args.beam_size, args.retrieval_images,
+                                        image_ids=test_ids)
     columns = {"reference": ref_scores}
     if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
         init, _ = load_captioner(args.init, vocab, feat_dim, device, args.dataset)
-        columns["target before CL"] = evaluate(init, *test, vocab, args, device, args.beam_size, args.retrieval_images)[0]
+        columns["target before CL"] = evaluate(init, *test, vocab, args, device, args.beam_size, args.retrieval_images,
+                                               image_ids=test_ids)[0]
     columns["CL target"] = target_scores
     print_table(columns, title)
     print(f"\nexamples (Figure 2): the first {args.examples} test images")
@@ -767,7 +875,7 @@ def main(argv=None):
         human = max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)
         print(f"  image {i}: human:     {human}\n"
               f"           reference: {ref_captions[i]}\n           target:    {target_captions[i]}")
-    print(f"\nbest CL checkpoint: {best_path}")
+    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_file}")
     return {"reference": ref_scores, "target": target_scores}
 
 

@@ -375,32 +375,135 @@ def test_self_retrieval_recall_on_known_ranks():
     assert recall == {"R@1": 25.0, "R@2": 50.0, "R@3": 75.0, "R@500": 100.0}
 
 
-def test_retrieval_log_probs_match_one_pair_at_a_time():
+def test_self_retrieval_ties_count_against_the_query():
+    assert cl.self_retrieval_recall(np.zeros((4, 4)), ks=(1, 3, 4)) == {"R@1": 0.0, "R@3": 0.0, "R@4": 100.0}
+    logp = np.array([[0.0, 0.0, 0.0, -1.0],  # own image tied with two others at the top
+                     [-1.0, 0.0, -2.0, -3.0],
+                     [-1.0, -1.0, 0.0, -1.0],
+                     [-1.0, -1.0, -1.0, 0.0]])
+    recall = cl.self_retrieval_recall(logp, ks=(1, 2, 3))
+    assert recall == {"R@1": 75.0, "R@2": 75.0, "R@3": 100.0}  # caption 0: a miss at R@1 and R@2, a hit at R@3
+
+
+def test_self_retrieval_nan_is_a_miss():
+    logp = np.array([[np.nan, -1.0, -2.0], [-1.0, 0.0, np.nan], [0.0, 0.0, 0.0]])
+    # caption 0: its own score is NaN; caption 1: a NaN rival is not below it; caption 2: tied
+    assert cl.self_retrieval_recall(logp, ks=(1, 2, 3)) == pytest.approx({"R@1": 0.0, "R@2": 100 / 3, "R@3": 200 / 3})
+
+
+def test_self_retrieval_recall_equals_a_brute_force_loop():
+    rng = np.random.default_rng(0)
+    logp = rng.integers(-3, 1, size=(40, 40)).astype(float)  # many ties
+    logp[rng.random((40, 40)) < 0.05] = np.nan
+    ks = (1, 2, 5, 10, 40, 50)
+    hits = {k: 0 for k in ks}
+    for t in range(40):
+        own = logp[t, t]
+        rank = 40 if np.isnan(own) else sum(1 for j in range(40) if j != t and not logp[t, j] < own)
+        for k in ks:
+            hits[k] += rank < min(k, 40)
+    assert cl.self_retrieval_recall(logp, ks) == pytest.approx({f"R@{k}": 100 * hits[k] / 40 for k in ks})
+
+
+def test_image_blind_captioner_scores_zero_self_retrieval():
+    model = tiny_model("showtell")
+    with torch.no_grad():
+        model.image_embed.weight.zero_()  # every image looks the same: p(c|I_j) equal for all j
+    feats = tiny_feats(6)
+    captions = model.greedy(feats, 5)[0]
+    logp = cl.retrieval_log_probs(model, feats.numpy(), np.arange(6), captions, "cpu", pairs_per_forward=12)
+    assert (logp == logp[:, :1]).all()
+    assert cl.self_retrieval_recall(logp, ks=(1, 5)) == {"R@1": 0.0, "R@5": 0.0}
+
+
+@pytest.mark.parametrize("pairs_per_forward", [3, 7, 100])
+def test_retrieval_log_probs_match_one_pair_at_a_time(pairs_per_forward):
     model, feats = tiny_model("adaatt"), tiny_feats(5)
     captions = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, EOS], [4, EOS, PAD, PAD], [6, 6, EOS, PAD], [9, EOS, PAD, PAD]])
-    logp = cl.retrieval_log_probs(model, feats.numpy(), np.arange(5), captions, "cpu", pairs_per_forward=7)
+    pairs, widths = [], []
+    score = model.log_prob_encoded
+    model.log_prob_encoded = lambda memory, c, index: pairs.append(len(c)) or widths.append(c.shape[1]) or \
+        score(memory, c, index)
+    logp = cl.retrieval_log_probs(model, feats.numpy(), np.arange(5), captions, "cpu", pairs_per_forward)
+    assert max(pairs) <= pairs_per_forward and sum(pairs) == 25  # memory bounded: never more pairs at once
+    if pairs_per_forward == 3:  # one caption against 3, then 2 images: cut to its own length, <eos> included
+        assert widths == [3, 3, 4, 4, 2, 2, 3, 3, 2, 2]
     for t in range(5):
         for j in range(5):
             assert logp[t, j].item() == pytest.approx(step_by_step_log_prob(model, feats[j], captions[t].tolist()), abs=1e-4)
 
 
-def test_caption_metrics_equal_pycocoevalcap_called_by_hand():
+def real_coco_check():
+    """Candidate: the first human caption of each real COCO image; references: the other four."""
+    images = [REAL_COCO_CAPTIONS[5 * i:5 * i + 5] for i in range(len(REAL_COCO_ROWS))]
+    return [caps[1:] for caps in images], [caps[0] for caps in images], REAL_COCO_ROWS
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer and METEOR need java (CI has it)")
+def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monkeypatch):
+    import pycocoevalcap.eval
+    from pycocotools.coco import COCO
+    references, candidates, image_ids = real_coco_check()
+    coco = COCO()  # the official evaluation's input, built here by hand
+    coco.dataset = {"images": [{"id": i} for i in image_ids],
+                    "annotations": [{"id": 10 * i + k, "image_id": i, "caption": c}
+                                    for i, refs in zip(image_ids, references) for k, c in enumerate(refs)]}
+    coco.createIndex()
+    coco_res = coco.loadRes([{"image_id": i, "caption": c} for i, c in zip(image_ids, candidates)])
+
+    class NoSpice:  # SPICE downloads Stanford models at run time: COCOEvalCap's other scorers run unchanged
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(pycocoevalcap.eval, "Spice", NoSpice)
+    monkeypatch.setattr(pycocoevalcap.eval, "Meteor", cl.meteor_scorer)  # the same jar: one java start (~10 s), not two
+    official = pycocoevalcap.eval.COCOEvalCap(coco, coco_res)
+    official.evaluate()
+    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4", "METEOR": "METEOR",
+             "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
+    assert set(got) == set(names)
+    for ours, theirs in names.items():
+        assert got[ours] == pytest.approx(official.eval[theirs], abs=1e-9, rel=0), ours
+    monkeypatch.setattr(cl, "ptb_available", lambda: False)  # the [a-z]+ fallback is not the official score
+    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    assert abs(az["CIDEr"] - official.eval["CIDEr"]) > 1e-3
+
+
+def test_caption_metrics_without_java_use_az_tokens_and_say_so(monkeypatch, capsys):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    references = [["a dog on the grass", "a puppy in a field"], ["a red bus on the street", "a bus on a road"],
-                  ["a man in blue near a kite", "a guy with a kite on the beach"]]
-    candidates = ["a dog on the grass", "a bus on the road", "a man on the beach"]
-    gts = {0: references[0], 1: references[1], 2: references[2]}
-    res = {0: [candidates[0]], 1: [candidates[1]], 2: [candidates[2]]}
-    got = cl.caption_metrics(references, candidates, meteor=shutil.which("java") is not None)
-    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
-    assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(bleu)
+    monkeypatch.setattr(cl, "ptb_available", lambda: False)
+    cl.warn_no_java.cache_clear()
+    references = [["A dog on the grass.", "a puppy in a field"], ["A red bus on the street", "a bus on a road"],
+                  ["A man in blue near a kite", "a guy with a kite on the beach"]]
+    candidates = ["a dog on the grass", "a bus, on the road", "a man on the beach"]
+    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), cl.coco_results(candidates, [7, 3, 5]))
+    assert "java not found" in capsys.readouterr().err and "METEOR" not in got
+    gts = {7: ["a dog on the grass", "a puppy in a field"], 3: ["a red bus on the street", "a bus on a road"],
+           5: ["a man in blue near a kite", "a guy with a kite on the beach"]}
+    res = {7: ["a dog on the grass"], 3: ["a bus on the road"], 5: ["a man on the beach"]}
+    assert [got[f"BLEU-{n}"] for n in range(1, 5)] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0])
     assert got["ROUGE-L"] == pytest.approx(Rouge().compute_score(gts, res)[0])
     assert got["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
-    if shutil.which("java"):
-        from pycocoevalcap.meteor.meteor import Meteor
-        assert got["METEOR"] == pytest.approx(Meteor().compute_score(gts, res)[0])
+
+
+def test_image_ids_come_from_scan_ids_file_per_image_or_per_caption(tmp_path):
+    assert cl.load_image_ids(tmp_path, "testall", 3) == [0, 1, 2]  # no file: the row index
+    (tmp_path / "testall_ids.txt").write_text("391895\n522418\n184613\n")
+    assert cl.load_image_ids(tmp_path, "testall", 3) == [391895, 522418, 184613]
+    (tmp_path / "testall_ids.txt").write_text("".join(f"{i}\n" * 5 for i in (391895, 522418, 184613)))
+    assert cl.load_image_ids(tmp_path, "testall", 3) == [391895, 522418, 184613]
+    (tmp_path / "testall_ids.txt").write_text("1\n2\n")
+    with pytest.raises(DataError, match="must hold 3 distinct image ids"):
+        cl.load_image_ids(tmp_path, "testall", 3)
+    (tmp_path / "testall_ids.txt").write_text("1\nCOCO_2\n3\n")
+    with pytest.raises(DataError, match="one integer image id a line"):
+        cl.load_image_ids(tmp_path, "testall", 3)
 
 
 # --- Configuration ---------------------------------------------------------------------------------
@@ -624,6 +727,33 @@ def test_kill_9_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     print(f"{mid_save} of 5 kills landed during a save")
 
 
+def test_eval_on_coco_scores_testall_and_writes_a_coco_results_file(mle_checkpoint, world, tmp_path, capsys):
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    for split in ("train", "dev"):
+        for suffix in ("_ims.npy", "_caps.txt"):
+            shutil.copy(world / f"{split}{suffix}", coco / f"{split}{suffix}")
+    features, captions = load_split(world, "test")
+    np.save(coco / "testall_ims.npy", features)  # 10 images; SCAN's test holds only the first of them
+    (coco / "testall_caps.txt").write_text("\n".join(captions) + "\n")
+    np.save(coco / "test_ims.npy", features[:4])
+    (coco / "test_caps.txt").write_text("\n".join(captions[:20]) + "\n")
+    image_ids = [391895 + 7 * i for i in range(10)]
+    (coco / "testall_ids.txt").write_text("".join(f"{i}\n" * 5 for i in image_ids))  # SCAN: one line per caption
+    scores = cl.main(["--dataset", "coco", "--data-root", str(coco), "--eval", str(mle_checkpoint), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "testall split of coco (10 images; self-retrieval among 10" in printed
+    results_file = mle_checkpoint.parent / "captions_testall_best_results.json"
+    assert str(results_file) in printed
+    results = json.loads(results_file.read_text())
+    assert [r["image_id"] for r in results] == image_ids and all(isinstance(r["caption"], str) for r in results)
+    assert set(results[0]) == {"image_id", "caption"}
+    references = [captions[5 * i:5 * i + 5] for i in range(10)]
+    assert {k: v for k, v in scores.items() if not k.startswith("R@")} == \
+        cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)  # the file is what was scored
+    assert cl.captioning_test_split("flickr30k") == "test" and cl.captioning_test_split("toy") == "test"
+
+
 # --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------
 
 def test_each_rank_trains_on_its_own_share_of_every_epoch():
@@ -720,3 +850,314 @@ def test_torchrun_runs_mle_and_cl_with_two_processes(mle_checkpoint, world):
     assert "over 2 processes" in run.stdout and run.stdout.count("resuming") == 1
     assert load_checkpoint(out / "mle" / "last.pt")["step"] == 6  # 60 images / (5 images x 2 ranks)
     assert load_checkpoint(out / "cl" / "last.pt")["step"] == 5
+
+
+# --- Real COCO captions: 300 lines of SCAN's coco_precomp/testall_caps.txt (the Karpathy test split) -----------
+# Images REAL_COCO_ROWS of that file, five lines each; in 45 of the 60 some caption tokenises differently
+# under PTB and [a-z]+ (apostrophes, hyphens, digits, slashes), in 30 the first caption does.
+REAL_COCO_ROWS = [
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 32, 40, 50, 51, 61, 66, 75, 85, 109, 112,
+    114, 149, 172, 205, 206, 210, 212, 312, 386, 523, 544, 550, 650, 712, 748, 768, 848, 909, 951, 989, 1002,
+    1011, 1024, 1110, 1142, 1218, 1256, 1281, 1289, 1294, 1302, 1319]
+REAL_COCO_CAPTIONS = """\
+A man with a red helmet on a small moped on a dirt road .
+Man riding a motor bike on a dirt road on the countryside .
+A man riding on the back of a motorcycle .
+A dirt path with a young person on a motor bike rests to the foreground of a verdant area with a bridge and a background of cloud-wreathed mountains .
+A man in a red shirt and a red hat is on a motorcycle on a hill side .
+A young girl inhales with the intent of blowing out a candle .
+A young girl is preparing to blow out her candle .
+A kid is to blow out the single candle in a bowl of birthday goodness .
+Girl blowing out the candle on an ice-cream
+A little girl is getting ready to blow out a candle on a small dessert .
+A man on a bicycle riding next to a train
+A person is riding a bicycle but there is a train in the background .
+a red and white train and a man riding a bicycle
+a guy that is riding his bike next to a train
+A man riding a bike past a train traveling along tracks .
+A kitchen is shown with a variety of items on the counters .
+A kitchen has the windows open and plaid curtains .
+A kitchen with two windows and two metal sinks .
+An older kitchen with cluttered counter tops but empty sink .
+Glasses and bottles are placed near a kitchen sink .
+A wooden ball on top of a wooden stick .
+The table is full of wooden spoons and utensils .
+A wood table holding an assortment of wood cooking utensils .
+A selection of wooden kitchen tools on a counter .
+Wooden spoons are lined up on a table
+Multiple wooden spoons are shown on a table top .
+A table surrounded by chairs and filled with cooking utensils .
+Wooden spoons laid out across a kitchen table .
+Wooden spoons and forks are all over a table .
+A table and chairs with wooden kitchen tools on top .
+A bathroom that has a broken wall in the shower .
+A bathroom looks clean but is missing tile at the shower stall .
+A view of a bathroom that needs to be fixed up .
+a shower toilet and sink in a basement bathroom
+A very big whit rest room with a shabby looking shower .
+A bathroom with an enclosed shower next to a sink and a toilet .
+A clean , spacious bathroom with a large shower stall .
+There are a toilet , a sink , and a shower stall in a large bathroom .
+A bathroom featuring a walk in shower , mirror , sink and toilet .
+Bathroom with a shower , sink , and toilet in it .
+people on bicycles ride down a busy street
+A group of people are riding bikes down the street in a bike lane
+bike riders passing Burger King in city street
+A group of bicyclists are riding in the bike lane .
+Bicyclists on a city street , most not using the bike lane
+The bathroom is clean and ready to be used .
+a small bathroom with a sink and a toilet .
+A toilet , sink and mirror in the bathroom
+Doorway view into bathroom with a sink and toilet .
+A white toilet sitting next to a sink .
+A clean bathroom is seen in this image .
+A bathroom with a white toilet and large shelf full of stuff .
+some shelves filled with a bunch of different items in the bathroom
+A shelving unit is between a toilet and a bathroom sink .
+A shelf with hygiene products in a bathroom .
+A young man wearing black attire and a flowered tie is standing and smiling .
+A man with glasses and his eyes closed dressed in a black shirt and a necktie .
+A man in a green tie with his eyes closed .
+Smiling man wearing black shirt and pale green tie .
+A person that is dressed up very nicely .
+Black and white photograph of two men on motorcycles .
+Two people riding a motorcycle with hats and backpack down a street .
+Two men are at an intersection on motorcycles .
+The man are driving side by side on their motorcycles .
+Two men on motorcycles at a stop light
+A row of motorcycles parked in front of a building .
+A bunch of motorcycles parked on the side of the road
+a back ally neighborhood with motor bikes in a row
+A number of motorbikes parked on an alley
+a bunch of motorcycles parked along the side of the street
+A fluffy white chair that faces away fro a television .
+A pillow covered reading chair in the corner of the living room
+The living room is empty with the television on .
+White ornate seat in nicely decorated room with television .
+A white chair , books and shelves and a tv on in this room .
+A painting of a table with fruit on top of it .
+Painting of oranges , a bowl , candle , and a pitcher
+a painting of fruit and a candle with a vase
+A painting of a candlestick holder with a candle , several pieces of fruit and a vase , with a gold frame around the painting .
+A painting that has a gold frame on it .
+Vegetables are displayed in a wooden barrel outdoors .
+A bunch of bananas are sitting on the stand .
+The cart has bananas or plantains piled on it .
+a box of green bananas and a box of ripe bananas
+A large number of green and yellow bananas in wooden containers .
+A small blue plane sitting on top of a field .
+an E2 airplane painted blue with black and white stripes
+An old warplane is on display in a field .
+a blue small plane standing at the airstrip
+Model airplane with an American insignia and stripes on wings .
+A tall massive clock tower towering over a city .
+A couple of street signs hanging on a pole
+An old black and white photo of Pennsylvania Avenue .
+A large stately building is adorned with steeple and a tower .
+The large ornate building with the clock tower and cupolas sits on the Pennsylvania Avenue and 11th St .
+a cat that is eating some kind of banana
+A person feeding a cat with a banana
+A house cat is taking a bite from a banana .
+A cat eating a banana from someone 's hand
+A cat feeding on a banana with a person feeding it to it .
+A woman embracing a child carrying a bag of luggage .
+Woman hugging a small girl with green and blue luggage .
+A woman hugging a girl who is holding a suitcase .
+A woman with her arms around a girl who 's holding a suitcase .
+An adult and child standing with a suitcase .
+A pinup-style photo of a woman sitting on a luggage trunk .
+A women is waiting while sitting on a large trunk
+a woman shades her eyes while sitting on a chest
+A woman sits on a luggage case on a sidewalk .
+A woman sitting on a trunk wearing a polka dot dress with a red belt .
+An antilope is eating grass in between two zebra .
+Several zebras eat the green grass in the pasture .
+Two zebras and another animal grazing in the grass .
+Three zebra in the middle of a field with a body of water in the distance .
+Three Zebra 's eating grass as they walk .
+A man in black leading an all white horse
+Mythical character with white horse standing on grooved surface .
+A white horse with blue haunches stands next to an elegantly dressed , black-haired man holding a sword .
+A person with a horse and a sword .
+a couple of small figures of a man and a horse
+A girl is skateboarding down the Hollywood walk of fame .
+A woman who is skateboarding down the street .
+A woman with glasses and a scarf skateboards along Hollywood 's Walk of Fame .
+lady in front of a store standing on a pink skateboard
+A woman is riding her skate board down the sidewalk .
+A table with a coffee and a salad on it .
+A deli lunch for two on a table with drinks
+A sandwich wrapped in a bag , a to-go coffee cup and a drink sits on top of a white table .
+A sandwich and two coffees sitting on a table .
+In-flight meal of a bagged sandwich and drinks
+A dark skinned child getting ready to be pushed on a swing .
+A girl getting pushed in a child 's swing .
+A man pushes a brightly smiling little girl on a swing .
+a young girl on a swing being pushed by her dad
+A man pushing a girl on a swing .
+A baseball player holding a bat while standing in a field .
+The men are playing a game of baseball on the field .
+A baseball player taking a swing at a ball
+The batter 's waiting to see if the ball is fair or foul .
+Two baseball players and an umpire are standing on the field .
+A man holding a baseball bat while standing next to home plate .
+There is a baseball game going on the player is waiting to hit the ball , the umpire is at base .
+There is dust coming out of the catcher 's glove as a boy prepares to bat .
+A catcher catches a baseball after a young kid swings and misses .
+The batter , catcher , and plate umpire are fixed on the pitcher .
+A couple riding a motorcycle down a street .
+A couple is riding a motorcycle that is pulling a cart behind it .
+two people riding a motorcycle with a car on the back of it
+A couple riding a motorcycle over a bridge at a freeway entrance ramp .
+Two people on a motorcycle that 's got a cooler attached to it .
+a giraffe checking out the bark on a tree
+A giraffe in an enclosure reaching for food .
+A giraffe and zebra inside of a zoo enclosure
+A giraffe with it 's mouth set on a pole .
+A giraffe and a zebra eating together in a park .
+Three zebras and other wild animals out in a semi-green field .
+Three zebras and two other animals grazing .
+Wildlife standing near water area in natural setting .
+Three zebras near the shore line of a body of water .
+A group of animals stand next to a watering hole .
+There 's a field of brown grass with zebras in it
+A group of zebras relax and play together in a large field
+A herd of zebras stand on a pathway near brown grass .
+A herd of zebras standing together in the field
+A group of zebras are on some grass with trees and bushes behind them .
+A close-up of a waffle shaped cone with a banana in it .
+The golden waffle has a banana in it .
+A banana sticking out of what looks like a waffle .
+A peeled banana wrapped up in a waffle .
+holding a waffle cone with a banana inside
+A woman that is standing on ski 's in the snow .
+a lady snow skiing on flat ground
+Two people on skis in snowy area surrounded by trees .
+A woman riding skis up the side of a ski slope .
+A person using skis and poles in the snow .
+A group of elephants with one elephant raising it 's trunk and dust and dirt coming up behind it .
+Three elephants kick up dust as they walk through the flat by the bushes .
+A heard of elephants with one 's trunk raised .
+Elephants walk together through the grass kicking up dust .
+Elephants in a national park blowing dust around
+A picture of children 's toy reading story .
+A collection of stuffed animals and a doll that is holding a book .
+A doll sitting in front of a book on a couch .
+Stuffed doll reading story to assorted stuffed animals .
+Stuffed toys propped up as if they are reading and listening to a book
+A woman 's hand holding a glass of wine .
+A person holds up a champagne glass to make a toast .
+This person is holding a whine glass with a drink in it .
+A woman holding up a glass of liquid .
+A person holds up their champagne glass for a toast .
+A giraffe stands with several birds resting on it 's neck .
+A giraffe that has some birds perched on it .
+this is a close up picture of a giraffe that is standing
+A giraffe with a couple birds holding onto his neck .
+Several birds perched on a giraffe 's neck eating bugs .
+A train traveling past a factory with tons of smoke pouring out of it 's stacks .
+Two trains moves past a factory emitting smoke .
+an image of a smoke filled building with a train passing
+A factory near a train track letting out smoke .
+A building at a railroad crossing billows smoke .
+A large and over-sized stuffed teddy bear sitting in a chair .
+A stuffed bear is sitting outside an eatery .
+A very large teddy bear that is sitting in a chair .
+A bear that is sitting in front of a door .
+Large stuffed bear sitting outside of a building .
+A piece of partially-eaten cake sits on a paper plate .
+A desert topped with gummy bears sits on a yellow and orange plate .
+a close up of a plate of food with a fork
+A slice of chocolate cake with dark chocolate glaze .
+A slice of chocolate cake with dark chocolate icing .
+A plate of partially-eaten pizza is seen on a restaurant table .
+A pizza sitting on a table near a pitcher of soda .
+A restaurant table with partially eaten pizza and soda .
+The pizza is next to a pitcher of soda in a restaurant .
+A pan on a table with lots of pizza .
+A person holding a cell phone with a picture of grazing cows on it 's display .
+Reality and fantasy meet in this phone image of grazing cattle unaware of What Lies Above .
+Someone displaying a silly image on a smartphone
+The YouTube video is shown on the mobile phone .
+a hand is holding a small video player
+3 dogs sitting in front of a fruit and veggie stand .
+There are three dogs sitting Together under a umbrella
+Three dogs sitting side by side in the street .
+A group of dogs in front of a wooden crate
+Three dogs standing in front of a counter at a shop wearing leashes .
+A bathroom sink sitting underneath a mirror mounted on it 's wall .
+A BATHROOM WITH A MIRROR AND A SINK
+A pink and green dated bathroom still has flair .
+A bathroom with a pink sink and blue tiles .
+A bathroom scene with focus on the sink .
+A group of zebra 's playing and grazing in a field .
+A grassy field with various zebras standing next to each other .
+A large group of zebra standing in the grass .
+A large group of zebras graze in the grasslands of africa
+a bunch of zebras out in a grassy field
+Young boy with T-ball and bat pointing at ball .
+A his holding a baseball bat by a t ball
+Child with bat and a ball on a tee .
+A small child using a baseball bat and a pole to practice hitting a ball .
+A child points to ball waiting on the tee ball stand .
+A young boy holding a teddy bear by it 's ears .
+A child is holding up a large teddy bear .
+A young child holding a teddy bear around his friends .
+A child with his teddy bear that is carrying a backpack .
+A boy plays with the ears of a teddy bear .
+This men 's bathroom has two urinals and a sinks .
+a public males restroom with two urinals that are based on the floor
+An empty restroom with two urinals and a sink .
+A public bathroom with a sink and two urinals .
+The public rest rooms are clean and ready for customers to use .
+Traffic sign on W 28 St with photo of bicycle in the top .
+A street sign that has a no bicycle sign .
+A traffic light with a bike signal on a pole .
+a yellow colored traffic light and a street sign
+A stop sign is next to a tall apartment building .
+A girl in a park area flies a multi-colored kite .
+A girl flying a kit in the sky .
+A young woman flying a rainbow colored kite .
+a person in a large field flying a kite in the sky
+A woman looks up at her colorful sailing kite .
+there 's and airplane in the sky flying over some trees
+a large plane is flying over a crowd of trees
+A aeroplane soaring high in the sky above the trees .
+A passenger plane flies in the sky over a forest .
+An airplane is seen flying over several trees .
+Advertising photograph of a surf-themed birthday cake from a bakery
+A birthday cake with a island design and theme .
+a birthday cake decorated to look like an island with surfboards
+The birthday cake has dark and light blue frosting .
+A blue cake features a small island on top and sharks swimming on the bottom of the cake .
+A young man standing next to a race car with the red sox logo on it 's hood .
+A young boy standing in front of a sponsored car .
+A man standing near a red sox nascar
+A young boy standing by a Red Sox car wearing Red Sox shirt and visor
+A young man standing next to a racecar on a display lot .
+A cat sleeping in a person 's lap ; the cat is also on this person 's laptop .
+A cat laying in front of a laptop .
+Close-up of a cat 's face as he sleeps on a laptop .
+Close up of cat sleeping in front of a laptop
+A sleeping cat lying next to a laptop on a desk .
+A couple of bags of someone 's belongings that were left unattended .
+Luggage hidden behind a fence while a man makes a cell phone call
+A piece of luggage sitting up against a gray wall .
+A person with a backpack is standing next to a doorway with luggage on the other side .
+A man on the phone near luggage by a gate .
+A couple of pony 's standing in the middle of a forest .
+Two horses are standing beside a baby horse .
+a couple of horses are standing in a field
+Two horses standing a field of grass next to a young horse .
+two ponies and a calf enjoying the weather
+A woman that is standing on ski 's in the snow .
+A woman riding skis on top of a snow covered slope .
+Skier on a snowy mountain carrying a backpack .
+this is a man skiing down a hill
+A person wearing a blue coat in ski gear .
+A bloody arm with iv 's inserted into an injury victim 's arm are depicted in this graphic shot .
+A person has various wounds on his arm and body .
+A person has blood splatters due to an injury
+An image of someone 's bloodied and injured arm .
+A person with a wounded arm covered in blood
+""".splitlines()
