@@ -372,9 +372,14 @@ def concept_scores(query, W, Y, lam, cosine=False):
     return torch.softmax(lam * (l2norm(query) if cosine else query) @ Y.t(), dim=-1)
 
 
-def concept_attention(query, W, Y, lam, cosine=False):
+def concept_embedding(a, Y):
     """Eq. 2: v^C = sum_i a_i y_i (L2-normalised)."""
-    return l2norm(concept_scores(query, W, Y, lam, cosine) @ Y)
+    return l2norm(a @ Y)
+
+
+def concept_attention(query, W, Y, lam, cosine=False):
+    """Eq. 2 whole: the query's attention over the concepts, then their weighted sum."""
+    return concept_embedding(concept_scores(query, W, Y, lam, cosine), Y)
 
 
 class ConceptBranch(nn.Module):
@@ -402,10 +407,10 @@ class ConceptBranch(nn.Module):
         return concept_scores(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam, self.cosine)
 
     def image(self, v_local, Y):
-        return l2norm(self.image_scores(v_local, Y) @ Y)
+        return concept_embedding(self.image_scores(v_local, Y), Y)
 
     def text(self, w_local, mask, Y):
-        return l2norm(self.text_scores(w_local, mask, Y) @ Y)
+        return concept_embedding(self.text_scores(w_local, mask, Y), Y)
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
@@ -700,18 +705,17 @@ def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
     """Does the concept branch carry information? Distinct argmax concepts over images and over
     captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
     model.eval()
-    branch, a_v, a_w, v_C, w_C = model.concepts, [], [], [], []
+    branch, a_v, a_w = model.concepts, [], []
     Y = branch.basis()
     with autocast(device):
         for i in range(0, len(features), batch_size):
-            a = branch.image_scores(model.image_encoder(image_batch(features, np.arange(i, min(i + batch_size, len(features))), device)), Y)
-            a_v.append(a.float()), v_C.append(l2norm(a.float() @ Y))
+            regions = image_batch(features, np.arange(i, min(i + batch_size, len(features))), device)
+            a_v.append(branch.image_scores(model.image_encoder(regions), Y).float())
         for i in range(0, len(tokens), batch_size):
             ids, mask = text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))), pad_id, device)
-            a = branch.text_scores(model.text_encoder(ids, mask), mask, Y)
-            a_w.append(a.float()), w_C.append(l2norm(a.float() @ Y))
+            a_w.append(branch.text_scores(model.text_encoder(ids, mask), mask, Y).float())
     a_v, a_w = torch.cat(a_v), torch.cat(a_w)
-    S_C = torch.cat(v_C) @ torch.cat(w_C).t()
+    S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
     entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
     return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
             "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),

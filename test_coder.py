@@ -318,17 +318,19 @@ def test_cvse_concept_files_convert_safely_and_load(tmp_path):
         cr.load_concept_file(tmp_path / "bad.npz")
 
 
-def test_concept_attention_matches_numpy():
+@pytest.mark.parametrize("cosine", [False, True])
+def test_concept_attention_matches_numpy(cosine):
     rng = np.random.default_rng(4)
     q, W, Y = rng.normal(size=(2, 4)), rng.normal(size=(4, 4)), rng.normal(size=(5, 4))
     Yn = Y / np.linalg.norm(Y, axis=1, keepdims=True)
     expected = []
     for row in q:
-        scores = np.array([10 * row @ W @ y for y in Yn])
+        query = row @ W / (np.linalg.norm(row @ W) if cosine else 1.0)
+        scores = np.array([10 * query @ y for y in Yn])
         a = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         v = sum(a_i * y for a_i, y in zip(a, Yn))
         expected.append(v / np.linalg.norm(v))
-    got = cr.concept_attention(torch.tensor(q), torch.tensor(W), torch.tensor(Yn), 10.0)
+    got = cr.concept_attention(torch.tensor(q), torch.tensor(W), torch.tensor(Yn), 10.0, cosine)
     assert np.allclose(got.numpy(), np.array(expected), atol=1e-6)
 
 
