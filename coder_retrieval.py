@@ -12,6 +12,12 @@ Table 3 of the paper, one command a row (add --dataset/--data-root):
     #3 --loss dcl --no-mdcl --no-concepts       #6 --loss dcl --no-concepts
 Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
 
+Eq. 2's queries come from "another group of feature aggregators" over the local features {o_l} and {e_t}:
+the regions and the transformer's word embeddings, through the concept branch's own aggregators
+(--concept-input local). Querying the instance encoders' projected features instead (--concept-input
+instance, the previous release) lets L^C and L_PGC pull on the instance image encoder: it cost full
+CODER 2.7 dev rsum on the toy world.
+
 Two readings differ from the print, each one flag away (see "CODER on the toy world" in the README):
 - Eq. 4/5's positive term. As printed, -log(S_nn + 1) sits outside the log-sum and is scaled by mu: its
   pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth or less of the push on its negatives (up to
@@ -99,6 +105,9 @@ def parse_args(argv=None):
         help="softmax sharpness lambda of Eq. 2 (the paper gives none; CVSE's 10 scales a differently bounded score)")
     add("--concept-cosine", action=argparse.BooleanOptionalAction, default=True,
         help="L2-normalise the projected query of Eq. 2, so that lambda alone sets the softmax sharpness")
+    add("--concept-input", default="local", choices=["local", "instance"],
+        help="what Eq. 2's queries aggregate: the regions o_l and word embeddings e_t through the concept branch's "
+        "own aggregators, or the instance encoders' projected local features (shared with Eq. 1)")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
     add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")
     add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default 10000 F30K, 20000 COCO)")
@@ -245,8 +254,12 @@ class TextEncoder(nn.Module):
             self.bert.pooler.requires_grad_(False)          # for every trainable parameter
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
+    def hidden(self, ids, mask):
+        """The transformer's word-level embeddings e_t (B, T, hidden)."""
+        return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
     def forward(self, ids, mask):
-        return self.fc(self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state)
+        return self.fc(self.hidden(ids, mask))
 
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ----------------------
@@ -383,15 +396,21 @@ def concept_attention(query, W, Y, lam, cosine=False):
 
 
 class ConceptBranch(nn.Module):
-    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine=False):
+    """Eq. 2 for both modalities. With feat_dim and text_dim the queries come from the raw local
+    features, regions o_l and the transformer's e_t, through aggregators of their own ("another group of
+    feature aggregators"); without, from the instance encoders' projected local features."""
+
+    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine=False, feat_dim=None, text_dim=None):
         super().__init__()
         self.cosine = cosine
         self.register_buffer("X", torch.zeros(n_concepts, concept_dim))     # fixed, as GloVe in CVSE
         self.register_buffer("A_hat", torch.eye(n_concepts))               # fixed during training
         self.W1 = nn.Parameter(torch.randn(concept_dim, embed_size // 2) / math.sqrt(concept_dim))
         self.W2 = nn.Parameter(torch.randn(embed_size // 2, embed_size) / math.sqrt(embed_size // 2))
-        # the second group of aggregators: own projections of the local features, then pooling
-        self.query_v, self.query_w = nn.Linear(embed_size, embed_size), nn.Linear(embed_size, embed_size)
+        if feat_dim:
+            self.query_v, self.query_w = ImageEncoder(feat_dim, embed_size), nn.Linear(text_dim, embed_size)
+        else:
+            self.query_v, self.query_w = nn.Linear(embed_size, embed_size), nn.Linear(embed_size, embed_size)
         # W^v, W^w start at the identity so that early attention follows plain cosine similarity
         self.W_v, self.W_w = nn.Parameter(torch.eye(embed_size)), nn.Parameter(torch.eye(embed_size))
         self.lam = concept_lambda
@@ -400,17 +419,11 @@ class ConceptBranch(nn.Module):
         """The SCC representations Y (g, F)."""
         return gcn(self.X, self.A_hat, self.W1, self.W2)
 
-    def image_scores(self, v_local, Y):
-        return concept_scores(aggregate(self.query_v(v_local)), self.W_v, Y, self.lam, self.cosine)
+    def image_scores(self, local, Y):
+        return concept_scores(aggregate(self.query_v(local)), self.W_v, Y, self.lam, self.cosine)
 
-    def text_scores(self, w_local, mask, Y):
-        return concept_scores(aggregate(self.query_w(w_local), mask), self.W_w, Y, self.lam, self.cosine)
-
-    def image(self, v_local, Y):
-        return concept_embedding(self.image_scores(v_local, Y), Y)
-
-    def text(self, w_local, mask, Y):
-        return concept_embedding(self.text_scores(w_local, mask, Y), Y)
+    def text_scores(self, local, mask, Y):
+        return concept_scores(aggregate(self.query_w(local), mask), self.W_w, Y, self.lam, self.cosine)
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
@@ -461,11 +474,16 @@ class MemoryBank(nn.Module):
 
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
-                 concept_lambda=10.0, n_prototypes=0, bank_size=0, concept_cosine=False):
+                 concept_lambda=10.0, n_prototypes=0, bank_size=0, concept_cosine=False, concept_input="instance"):
         super().__init__()
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
-        self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine) if n_concepts else None
+        self.concept_input = concept_input
+        self.concepts = None
+        if n_concepts:
+            raw = concept_input == "local"
+            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
+                                          feat_dim if raw else None, self.text_encoder.bert.config.hidden_size if raw else None)
         self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
         if bank_size:
@@ -486,24 +504,29 @@ class CODER(nn.Module):
 
     def forward(self, regions, ids, mask):
         """Instance embeddings v^I, w^I (Eq. 1) and concept embeddings v^C, w^C (Eq. 2, or None)."""
-        v_local, w_local = self.image_encoder(regions), self.text_encoder(ids, mask)
-        v_I, w_I = l2norm(aggregate(v_local)), l2norm(aggregate(w_local, mask))
-        v_C = w_C = None
-        if self.concepts is not None:
-            Y = self.concepts.basis()
-            v_C, w_C = self.concepts.image(v_local, Y), self.concepts.text(w_local, mask, Y)
+        (v_I, v_C), (w_I, w_C) = self.encode_images(regions), self.encode_texts(ids, mask)
         return v_I, w_I, v_C, w_C
 
-    def encode_images(self, regions):
-        """Evaluation: each modality alone, so every image is encoded once."""
+    def encode_images(self, regions, attention=False):
+        """v^I and v^C (or, with `attention`, Eq. 2's scores a^v instead of v^C); also used alone at
+        evaluation, so that every image is encoded once."""
         v_local = self.image_encoder(regions)
-        v_C = self.concepts.image(v_local, self.concepts.basis()) if self.concepts is not None else None
-        return l2norm(aggregate(v_local)), v_C
+        v_I = l2norm(aggregate(v_local))
+        if self.concepts is None:
+            return v_I, None
+        Y = self.concepts.basis()
+        a = self.concepts.image_scores(regions if self.concept_input == "local" else v_local, Y)
+        return v_I, a if attention else concept_embedding(a, Y)
 
-    def encode_texts(self, ids, mask):
-        w_local = self.text_encoder(ids, mask)
-        w_C = self.concepts.text(w_local, mask, self.concepts.basis()) if self.concepts is not None else None
-        return l2norm(aggregate(w_local, mask)), w_C
+    def encode_texts(self, ids, mask, attention=False):
+        e = self.text_encoder.hidden(ids, mask)
+        w_local = self.text_encoder.fc(e)
+        w_I = l2norm(aggregate(w_local, mask))
+        if self.concepts is None:
+            return w_I, None
+        Y = self.concepts.basis()
+        a = self.concepts.text_scores(e if self.concept_input == "local" else w_local, mask, Y)
+        return w_I, a if attention else concept_embedding(a, Y)
 
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) -------------------------------
@@ -705,15 +728,15 @@ def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
     """Does the concept branch carry information? Distinct argmax concepts over images and over
     captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
     model.eval()
-    branch, a_v, a_w = model.concepts, [], []
-    Y = branch.basis()
+    a_v, a_w = [], []
+    Y = model.concepts.basis()
     with autocast(device):
         for i in range(0, len(features), batch_size):
             regions = image_batch(features, np.arange(i, min(i + batch_size, len(features))), device)
-            a_v.append(branch.image_scores(model.image_encoder(regions), Y).float())
+            a_v.append(model.encode_images(regions, attention=True)[1].float())
         for i in range(0, len(tokens), batch_size):
             ids, mask = text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))), pad_id, device)
-            a_w.append(branch.text_scores(model.text_encoder(ids, mask), mask, Y).float())
+            a_w.append(model.encode_texts(ids, mask, attention=True)[1].float())
     a_v, a_w = torch.cat(a_v), torch.cat(a_w)
     S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
     entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
@@ -825,7 +848,8 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
-                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine)
+                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine,
+                      concept_input=args.concept_input)
     model = CODER(**model_args)
     model.text_encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:

@@ -419,6 +419,10 @@ def test_a_few_steps_lower_the_loss_and_checkpoint_reloads_identically(tiny, tmp
         model.text_queue.enqueue(keys[1], image_ids)
     assert set(terms) == {"I", "M-DCL", "C", "PGC"}
     assert instance_loss() < before
+    with torch.no_grad():  # the training forward gives v^I, w^I, v^C, w^C in that order, as evaluation encodes them
+        (v_I, v_C), (w_I, w_C) = model.encode_images(regions), model.encode_texts(ids, mask)
+        for got, want in zip(model(regions, ids, mask), (v_I, w_I, v_C, w_C)):
+            assert torch.equal(got, want)
 
     save_checkpoint({"model": model.state_dict(), "model_args": model_args}, tmp_path / "m.pt")
     reloaded = cr.model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
@@ -448,6 +452,24 @@ def test_concept_branch_does_not_collapse_and_the_printed_setup_does(tiny):
     print(cr.format_concept_usage(fixed), cr.format_concept_usage(printed), sep="\n")
     assert printed["argmax_images"] == 1 and printed["S_C_sd"] < 0.03
     assert fixed["argmax_images"] >= 3 and fixed["argmax_captions"] >= 3 and fixed["S_C_sd"] > 0.05
+
+
+@pytest.mark.parametrize("source", ["local", "instance"])
+def test_concept_losses_reach_the_instance_image_encoder_only_when_its_features_are_the_queries(tiny, source):
+    """--concept-input local: Eq. 2's queries aggregate the raw regions through the concept branch's own
+    aggregator, so L^C and L_PGC send no gradient into the instance image encoder (the text side shares
+    the transformer either way); --concept-input instance queries the instance encoder's features."""
+    _, model, batch = fresh_model_and_batch(tiny, np.arange(0, 80, 5) + np.arange(16) % 5, "--concept-input", source)
+    _, terms, _, _ = cr.coder_loss(model, *batch, cr.parse_args(tiny_args(tiny, "--concept-input", source)))
+    (terms["C"] + terms["PGC"]).backward()
+    image_grad = sum(float(p.grad.abs().sum()) for p in model.image_encoder.parameters() if p.grad is not None)
+    query_grad = float(model.concepts.query_v.weight.grad.abs().sum()) if source == "instance" else \
+        sum(float(p.grad.abs().sum()) for p in model.concepts.query_v.parameters())
+    assert query_grad > 0 and float(model.text_encoder.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum()) > 0
+    assert (image_grad == 0) == (source == "local")
+    if source == "local":
+        assert model.concepts.query_v.fc.in_features == batch[0].shape[2]  # o_l, not the projected features
+        assert model.concepts.query_w.in_features == model.text_encoder.bert.config.hidden_size  # e_t
 
 
 def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
@@ -566,8 +588,8 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
 GLOBAL_BATCH = np.arange(0, 80, 5) + np.arange(16) % 5  # 16 captions of 16 different images
 
 
-def fresh_model_and_batch(tiny, idx):
-    args = cr.parse_args(tiny_args(tiny))
+def fresh_model_and_batch(tiny, idx, *flags):
+    args = cr.parse_args(tiny_args(tiny, *flags))
     tokenizer, text_model = cr.load_text_model(args.text_encoder)
     feats, tokens, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
     torch.manual_seed(0)
