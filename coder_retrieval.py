@@ -479,11 +479,9 @@ class CODER(nn.Module):
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
         self.concept_input = concept_input
-        self.concepts = None
-        if n_concepts:
-            raw = concept_input == "local"
-            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
-                                          feat_dim if raw else None, self.text_encoder.bert.config.hidden_size if raw else None)
+        query_dims = (feat_dim, self.text_encoder.bert.config.hidden_size) if concept_input == "local" else (None, None)
+        self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
+                                      *query_dims) if n_concepts else None
         self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
         if bank_size:
@@ -504,27 +502,28 @@ class CODER(nn.Module):
 
     def forward(self, regions, ids, mask):
         """Instance embeddings v^I, w^I (Eq. 1) and concept embeddings v^C, w^C (Eq. 2, or None)."""
-        (v_I, v_C), (w_I, w_C) = self.encode_images(regions), self.encode_texts(ids, mask)
+        Y = self.concepts.basis() if self.concepts is not None else None  # one GCN pass for both modalities
+        (v_I, v_C), (w_I, w_C) = self.encode_images(regions, Y=Y), self.encode_texts(ids, mask, Y=Y)
         return v_I, w_I, v_C, w_C
 
-    def encode_images(self, regions, attention=False):
+    def encode_images(self, regions, attention=False, Y=None):
         """v^I and v^C (or, with `attention`, Eq. 2's scores a^v instead of v^C); also used alone at
-        evaluation, so that every image is encoded once."""
+        evaluation, so that every image is encoded once. Y: the SCC basis, if already computed."""
         v_local = self.image_encoder(regions)
         v_I = l2norm(aggregate(v_local))
         if self.concepts is None:
             return v_I, None
-        Y = self.concepts.basis()
+        Y = self.concepts.basis() if Y is None else Y
         a = self.concepts.image_scores(regions if self.concept_input == "local" else v_local, Y)
         return v_I, a if attention else concept_embedding(a, Y)
 
-    def encode_texts(self, ids, mask, attention=False):
+    def encode_texts(self, ids, mask, attention=False, Y=None):
         e = self.text_encoder.hidden(ids, mask)
         w_local = self.text_encoder.fc(e)
         w_I = l2norm(aggregate(w_local, mask))
         if self.concepts is None:
             return w_I, None
-        Y = self.concepts.basis()
+        Y = self.concepts.basis() if Y is None else Y
         a = self.concepts.text_scores(e if self.concept_input == "local" else w_local, mask, Y)
         return w_I, a if attention else concept_embedding(a, Y)
 
