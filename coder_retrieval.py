@@ -897,6 +897,43 @@ def check_features(features, model_args, split):
                         f"{features.shape[2]}-d; use the dataset the model was trained on")
 
 
+def optimizer_step(model, optimizer, scaler, loss, grad_clip):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+@torch.no_grad()
+def remember_batch(model, caption_idx, keys, pair_emb, text_ids, pgc_store, pgc_seen):
+    """After the step (MoCo): every rank's momentum keys into both queues, and every rank's v^I + w^I
+    into the store that PGC clusters at the end of the epoch."""
+    all_caption_idx = concat_all_gather(caption_idx)
+    if keys is not None:
+        all_image_ids = all_caption_idx // CAPS_PER_IMAGE
+        all_text_ids = text_ids[all_caption_idx] if text_ids is not None else None
+        model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids, all_text_ids)
+        model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids, all_text_ids)
+    if model.prototypes is not None:
+        pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
+        pgc_seen[all_caption_idx] = True
+
+
+def cluster_for_pgc(pgc_store, pgc_seen, labels, centroids, k, iters, seed, master):
+    """Online clustering of the stored v^I + w^I into K prototypes, whose ids are the next epoch's PGC
+    labels (Sec. 3.4); updates `labels` in place and returns the centroids. Rank 0 alone clusters and
+    broadcasts, so every rank gets the very same labels."""
+    seen = pgc_seen.nonzero().squeeze(1)
+    if master and len(seen) >= k:
+        centroids, fresh = kmeans(pgc_store[seen].float(), k, iters, seed, centroids)
+        labels[seen] = fresh
+    if dist.is_initialized():
+        dist.broadcast(labels, src=0)
+    return centroids
+
+
 def train(args, device, root):
     """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
     checkpoint (by dev rsum). Under torchrun each rank takes its own batch_size pairs of every global
@@ -997,24 +1034,12 @@ def train(args, device, root):
             regions = image_batch(train_feats, idx // CAPS_PER_IMAGE, device)
             ids, mask = text_batch(train_tokens, idx, pad_id, device)
             caption_idx = torch.from_numpy(idx).to(device)
+            batch_text_ids = text_ids[caption_idx] if text_ids is not None else None
             with autocast(device):
                 loss, terms, keys, pair_emb = coder_loss(net, regions, ids, mask, image_ids, labels[caption_idx], args,
-                                                         text_ids[caption_idx] if text_ids is not None else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            all_caption_idx = concat_all_gather(caption_idx)
-            if keys is not None:  # enqueue after the loss (MoCo), every rank's keys on every rank
-                all_image_ids = all_caption_idx // CAPS_PER_IMAGE
-                all_text_ids = text_ids[all_caption_idx] if text_ids is not None else None
-                model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids, all_text_ids)
-                model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids, all_text_ids)
-            if model.prototypes is not None:
-                pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
-                pgc_seen[all_caption_idx] = True
+                                                         batch_text_ids)
+            optimizer_step(model, optimizer, scaler, loss, args.grad_clip)
+            remember_batch(model, caption_idx, keys, pair_emb, text_ids, pgc_store, pgc_seen)
             global_step = epoch * steps + step + 1
             watch.add(global_step, idx // CAPS_PER_IMAGE, regions, terms)
             bar.update(global_batch)
@@ -1032,14 +1057,9 @@ def train(args, device, root):
         train_seconds += time.perf_counter() - start
         train_pairs += (steps - first_step) * global_batch
         watch.check(kept)  # never cluster, validate or save what non-finite values made
-        if model.prototypes is not None:  # online clustering of v^I + w^I for the next epoch (Sec. 3.4)
-            seen = pgc_seen.nonzero().squeeze(1)
-            k = model.prototypes.out_features
-            if master and len(seen) >= k:  # on rank 0 alone: every rank gets the very same labels
-                centroids, fresh = kmeans(pgc_store[seen].float(), k, args.kmeans_iters, args.seed + epoch, centroids)
-                labels[seen] = fresh
-            if dist.is_initialized():
-                dist.broadcast(labels, src=0)
+        if model.prototypes is not None:
+            centroids = cluster_for_pgc(pgc_store, pgc_seen, labels, centroids, model.prototypes.out_features,
+                                        args.kmeans_iters, args.seed + epoch, master)
         val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size) \
             if master else None
         rng = rng_states()
