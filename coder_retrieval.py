@@ -1,7 +1,7 @@
 """CODER: Coupled Diversity-Sensitive Momentum Contrastive Learning for Image-Text Retrieval
 (Wang et al., ECCV 2022, https://arxiv.org/abs/2208.09843), as one file read top to bottom.
 
-    python coder_retrieval.py                                   # toy world, full CODER, a few minutes on CPU
+    python coder_retrieval.py                                   # toy world, full CODER, 4-8 min on 2 CPU cores
     python coder_retrieval.py --loss triplet --no-bank --no-concepts     # VSE++ baseline (Table 2 #1)
     python coder_retrieval.py --dataset flickr30k --data-root data/f30k_precomp --text-encoder bert-base-uncased
     python coder_retrieval.py --eval runs/coder/best.pt         # retrieval table of a checkpoint
