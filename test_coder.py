@@ -499,6 +499,15 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
         cr.main(tiny_args(tiny, "--text-encoder", str(tiny / "missing")))
 
 
+def test_lr_drops_at_half_the_epochs_on_real_data_and_not_on_the_toy_world():
+    """The paper: 2e-4 for 15 epochs, 2e-5 for the next 15; the 2 toy epochs keep 2e-4 throughout."""
+    assert cr.parse_args(["--dataset", "flickr30k"]).lr_update == 15
+    assert cr.parse_args(["--dataset", "coco", "--epochs", "9"]).lr_update == 4
+    assert cr.parse_args([]).lr_update == cr.parse_args([]).epochs == 2
+    assert cr.parse_args(["--epochs", "6"]).lr_update == 6
+    assert cr.parse_args(["--epochs", "6", "--lr-update", "3"]).lr_update == 3
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], r"^--batch-size must be at least 2, got 0$"),
     (["--bank-size", "8"], r"^--bank-size 8 is smaller than the global batch of 16 pairs \(--batch-size x processes\); "
