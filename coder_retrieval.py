@@ -51,7 +51,7 @@ from tqdm import tqdm
 from common import (CAPS_PER_IMAGE, DataError, NonFiniteWatch, barrier, image_batch, load_checkpoint,
                     load_split, nonfinite_images, pick_device, prepare_data, require_at_least, require_finite,
                     require_writable, rng_states, save_checkpoint, set_rng_states, setup_distributed,
-                    shutdown_distributed, some_ids, tokenize, wrap_ddp)
+                    shutdown_distributed, some_ids, tokenize, toy_ceiling, wrap_ddp)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -1099,6 +1099,11 @@ def evaluate_checkpoint(path, args, device, root):
                                     ckpt["args"]["beta"], folds, args.eval_batch_size)))
     print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f})")
     print_table(rows)
+    ceiling = toy_ceiling(root, "test")
+    if ceiling:
+        print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
+              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
+              + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
     return rows
 
 

@@ -8,6 +8,7 @@ The precomputed layout (SCAN / VSE-infinity and their successors):
 """
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -468,3 +469,69 @@ def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12
         np.save(root / f"{split}_ims.npy", features)
         (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
         (root / f"{split}_scenes.json").write_text(json.dumps(scenes))
+
+
+# --- The toy world's ceiling ---------------------------------------------------------------
+# A caption says only its scene's content words; synonyms, prefixes and relation words are drawn at
+# random. So no model can tell apart two images whose scenes can say the same content: ranking by
+# content alone, ties in random order, is the best R@1 (both ways) and t2i R@K any model can expect.
+
+SYNONYMS = {alt: group[0] for group in CATEGORIES + SIZES for alt in group}
+PLACE_OF = {phrase: f"<place{i}>" for i, group in enumerate(PLACES) for phrase in group}
+
+
+def caption_content(text):
+    """What a toy caption says about its scene: its words, less articles, prefixes, relation words
+    and synonyms ('a photo of a little puppy by the sea' -> ('small', 'dog', '<place1>'))."""
+    for prefix in PREFIXES[2:]:
+        text = text.removeprefix(prefix)
+    for phrase, place in PLACE_OF.items():
+        if text.endswith(" " + phrase):
+            text = text[: -len(phrase)] + place
+    return tuple(SYNONYMS.get(word, word) for word in text.split()
+                 if word not in {"a", "an", *RELATIONS})
+
+
+def oracle_recall(scenes, captions, ks=(1, 5, 10), seed=0):
+    """Expected R@K (%) of the content oracle on a toy split, i2t and t2i. t2i: the caption's image is
+    one of the n_c images whose scene can say the caption, in random order: min(K, n_c) / n_c.
+    i2t: an image ranks the captions its scene can say by P(image | caption) = 1 / n_c; within the
+    first score tier holding one of its own captions (a own, b others, after `above` captions of
+    higher tiers), the first own caption lies in the top K with probability 1 - C(b, r) / C(a + b, r),
+    r = K - above."""
+    rng = np.random.default_rng(seed)
+    sayable = [{caption_content(_caption(scene, level, rng)) for level in range(4)} for scene in scenes]
+    contents = [caption_content(text) for text in captions]
+    consistent = np.array([[content in say for say in sayable] for content in contents])  # captions x images
+    own = np.repeat(np.arange(len(scenes)), len(captions) // len(scenes))
+    if not consistent[np.arange(len(own)), own].all():
+        raise ValueError("a caption its own scene cannot say: not a toy split made by make_toy_world")
+    n_c = consistent.sum(1)
+    t2i = [100 * np.mean(np.minimum(k, n_c) / n_c) for k in ks]
+    i2t = np.zeros(len(ks))
+    for i in range(len(scenes)):
+        tiers = {}  # n_c -> [own, other] captions that image i's scene can say (score 1 / n_c)
+        for c in np.nonzero(consistent[:, i])[0]:
+            tiers.setdefault(int(n_c[c]), [0, 0])[int(own[c] != i)] += 1
+        above = 0
+        for n in sorted(tiers):
+            a, b = tiers[n]
+            if a:
+                break
+            above += b
+        for j, k in enumerate(ks):
+            r = k - above
+            i2t[j] += 0.0 if r <= 0 else 1.0 - (math.comb(b, r) / math.comb(a + b, r) if r <= b else 0.0)
+    return {"i2t": [float(v) for v in 100 * i2t / len(scenes)], "t2i": [float(v) for v in t2i]}
+
+
+def toy_ceiling(root, split):
+    """oracle_recall of a split made by make_toy_world; None for other data (no scenes file, or
+    captions edited since)."""
+    path = Path(root) / f"{split}_scenes.json"
+    if not path.exists():
+        return None
+    try:
+        return oracle_recall(json.loads(path.read_text()), load_split(root, split)[1])
+    except ValueError:
+        return None

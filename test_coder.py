@@ -1,5 +1,6 @@
 """Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
 protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
+import json
 import math
 import os
 import shutil
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import coder_retrieval as cr
-from common import DataError, load_checkpoint, make_toy_world, save_checkpoint, tokenize, wrap_ddp
+from common import (_caption, DataError, caption_content, load_checkpoint, make_toy_world, oracle_recall, save_checkpoint,
+                    tokenize, wrap_ddp)
 
 
 def sigmoid(x):
@@ -360,6 +362,55 @@ def test_pgc_loss_is_cross_entropy_over_known_labels():
             expected += (-logits[n, z[n]] + np.log(np.exp(logits[n]).sum())) / 2
     assert cr.pgc_loss(P, v, w, z).item() == pytest.approx(expected, rel=1e-5)
     assert cr.pgc_loss(P, v, w, torch.full((3,), -1)).item() == 0.0
+
+
+# --- The toy world's ceiling (common.oracle_recall) ---
+
+def test_caption_content_drops_synonyms_prefixes_and_relations():
+    assert caption_content("a photo of a little puppy by the sea") == ("small", "dog", "<place1>")
+    assert caption_content("there is a guy in red beside a big blue kite and a cat near the water") == \
+        ("man", "in", "red", "large", "blue", "kite", "and", "cat", "<place7>")
+    assert caption_content("an umbrella in a field") == caption_content("an umbrella on the grass")
+
+
+def toy_split(scenes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [_caption(scene, level, rng) for scene in scenes for level in scene["levels"]]
+
+
+def test_oracle_recall_of_twin_scenes_by_hand():
+    """Images 0 and 1 have the same scene, image 2 another: each caption of 0 or 1 is one of 2 equally
+    likely images (t2i R@1 1/2); image 0 finds its 5 captions tied with 1's 5 (i2t R@1 5/10, R@5
+    1 - C(5,5)/C(10,5) = 1 - 1/252); image 2 is unique (100 everywhere)."""
+    twin = {"objects": [{"category": 1, "colour": 2, "size": 0, "position": 1},
+                        {"category": 4, "colour": 5, "size": 1, "position": 0}], "place": 3, "levels": [0, 0, 1, 2, 3]}
+    other = {"objects": [{"category": 7, "colour": 2, "size": 0, "position": 1}], "place": 5, "levels": [3, 0, 2, 0, 1]}
+    scenes = [twin, twin, other]
+    got = oracle_recall(scenes, toy_split(scenes))
+    assert got["t2i"] == pytest.approx([(10 * 50 + 5 * 100) / 15, 100, 100])
+    assert got["i2t"] == pytest.approx([(50 + 50 + 100) / 3, (2 * 100 * (1 - 1 / 252) + 100) / 3, 100])
+
+
+def test_oracle_recall_matches_random_tie_breaking(tmp_path):
+    """The closed form against ranking by P(image | caption) with random tie-breaks, 4,000 draws."""
+    make_toy_world(tmp_path, seed=3, n_train=1, n_dev=1, n_test=40)
+    scenes = json.loads((tmp_path / "test_scenes.json").read_text())
+    captions = (tmp_path / "test_caps.txt").read_text().splitlines()
+    got = oracle_recall(scenes, captions)
+    rng = np.random.default_rng(0)
+    sayable = [{caption_content(_caption(s, level, rng)) for level in range(4)} for s in scenes]
+    consistent = np.array([[caption_content(c) in say for say in sayable] for c in captions], dtype=float)
+    own = np.repeat(np.arange(40), 5)
+    posterior = consistent / consistent.sum(1, keepdims=True)  # P(image | caption)
+    hits = np.zeros((2, 3))
+    for _ in range(4000):
+        noisy = posterior + 1e-9 * rng.random(posterior.shape)
+        t2i_rank = (noisy > noisy[np.arange(200), own][:, None]).sum(1)
+        i2t_rank = np.array([(noisy[:, i] > noisy[own == i, i].max()).sum() for i in range(40)])
+        hits += [[np.mean(i2t_rank < k) for k in (1, 5, 10)], [np.mean(t2i_rank < k) for k in (1, 5, 10)]]
+    assert got["i2t"] == pytest.approx(list(100 * hits[0] / 4000), abs=1.0)
+    assert got["t2i"] == pytest.approx(list(100 * hits[1] / 4000), abs=1.0)
+    assert got["t2i"][0] < 95  # the test can fail: this world has ties
 
 
 # --- End to end on a tiny world with a tiny random BERT ---
