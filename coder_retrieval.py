@@ -172,7 +172,7 @@ def check_args(args, world_size):
 TOY_OVERRIDES = dict(
     embed_size=256,          # 128-d toy regions; F = 1024 only slows the CPU down
     epochs=2,                # the second one has PGC labels; the lr does not drop (the paper's drop at
-                             # half the epochs cost every Table 2 row ~10 test rsum here: README)
+                             # half the epochs cost the Table 2 rows 8-26 test rsum here: README)
     bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
     n_concepts=64,           # the toy captions hold 58 content words: all of them
     n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's

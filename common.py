@@ -1,6 +1,6 @@
 """What cl_captioning.py and coder_retrieval.py share: vocabulary, feature/caption IO in the
 standard precomputed layout, checkpoint files, torchrun (DDP) set-up, and the toy world that lets
-everything run offline.
+everything run offline (and its retrieval ceiling).
 
 The precomputed layout (SCAN / VSE-infinity and their successors):
     {root}/{split}_ims.npy   float32 (N, R, D) region features, one row per image
