@@ -483,7 +483,7 @@ PLACE_OF = {phrase: f"<place{i}>" for i, group in enumerate(PLACES) for phrase i
 def caption_content(text):
     """What a toy caption says about its scene: its words, less articles, prefixes, relation words
     and synonyms ('a photo of a little puppy by the sea' -> ('small', 'dog', '<place1>'))."""
-    for prefix in PREFIXES[2:]:
+    for prefix in filter(None, PREFIXES):
         text = text.removeprefix(prefix)
     for phrase, place in PLACE_OF.items():
         if text.endswith(" " + phrase):
