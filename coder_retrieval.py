@@ -482,9 +482,12 @@ class CODER(nn.Module):
         self.text_encoder = TextEncoder(text_config, embed_size)
         self.concept_input = concept_input
         query_dims = (feat_dim, self.text_encoder.bert.config.hidden_size) if concept_input == "local" else (None, None)
-        self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
-                                      *query_dims) if n_concepts else None
-        self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
+        # drawn on a fork of the RNG: the branches a flag adds do not shift the dropout masks of training,
+        # so one seed gives every ablation the same instance branch, batches and masks (paired runs)
+        with torch.random.fork_rng(devices=[]):
+            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
+                                          *query_dims) if n_concepts else None
+            self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
         if bank_size:
             self.image_encoder_m, self.text_encoder_m = self.make_momentum_copies()
