@@ -614,14 +614,19 @@ def test_nonfinite_loss_stops_with_its_step_and_terms_and_leaves_last_pt_from_be
     assert last["resume_at"] == (0, 4) and all(torch.isfinite(v.float()).all() for v in last["model"].values())
 
 
+def dropout_bert(tiny, tmp_path):
+    """The tiny text encoder with dropout on, so that the RNG stream decides what training computes."""
+    from transformers import AutoTokenizer, BertModel
+    BertModel.from_pretrained(tiny / "bert", hidden_dropout_prob=0.1).save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(tiny / "bert").save_pretrained(tmp_path / "bert")
+    return str(tmp_path / "bert")
+
+
 def test_one_seed_pairs_the_ablations_whatever_branches_the_flags_build(tiny, tmp_path):
     """PGC has no labels before its first clustering, so in epoch 0 it adds nothing but its prototype
     layer, whose random initialisation must not shift the dropout masks of the text encoder: --no-pgc
     and the default then train the same weights, bit for bit (the encoder here has dropout)."""
-    from transformers import AutoTokenizer, BertModel
-    BertModel.from_pretrained(tiny / "bert", hidden_dropout_prob=0.1).save_pretrained(tmp_path / "bert")
-    AutoTokenizer.from_pretrained(tiny / "bert").save_pretrained(tmp_path / "bert")
-    argv = tiny_args(tiny, "--text-encoder", str(tmp_path / "bert"), "--epochs", "1", "--save-every", "0")
+    argv = tiny_args(tiny, "--text-encoder", dropout_bert(tiny, tmp_path), "--epochs", "1", "--save-every", "0")
     cr.main(argv + ["--out-dir", str(tmp_path / "pgc")])
     cr.main(argv + ["--out-dir", str(tmp_path / "no-pgc"), "--no-pgc"])
     a, b = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("pgc", "no-pgc"))
@@ -633,10 +638,7 @@ def test_one_seed_pairs_the_ablations_whatever_branches_the_flags_build(tiny, tm
 def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_rsum(tiny, tmp_path, run_killed):
     """Mid-epoch checkpoints hold the queues, momentum encoders, PGC store and labels and every RNG;
     the text encoder here has dropout, so the restored RNG states matter."""
-    from transformers import AutoTokenizer, BertModel
-    BertModel.from_pretrained(tiny / "bert", hidden_dropout_prob=0.1).save_pretrained(tmp_path / "bert")
-    AutoTokenizer.from_pretrained(tiny / "bert").save_pretrained(tmp_path / "bert")
-    argv = tiny_args(tiny, "--text-encoder", str(tmp_path / "bert"), "--epochs", "2", "--save-every", "4")
+    argv = tiny_args(tiny, "--text-encoder", dropout_bert(tiny, tmp_path), "--epochs", "2", "--save-every", "4")
     straight = cr.main(argv + ["--out-dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
     steps_per_epoch = 300 // 16
