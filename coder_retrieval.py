@@ -97,7 +97,8 @@ def parse_args(argv=None):
     add("--eps", type=float, default=0.1, help="epsilon of the diversity estimate (Eq. 3)")
     add("--margin", type=float, default=0.2, help="hinge margin of --loss triplet (VSE++)")
     add("--lambda-inst", type=float, default=3.0, help="weight lambda of L^I_DCL in Eq. 8")
-    add("--beta", type=float, default=0.9, help="inference mix S = beta S_I + (1-beta) S_C")
+    add("--beta", type=float, default=None,
+        help="inference mix S = beta S_I + (1-beta) S_C (default 0.9, as the paper; with --eval: the checkpoint's)")
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
@@ -144,6 +145,8 @@ def parse_args(argv=None):
         args.lr_update = args.epochs if args.dataset == "toy" else max(1, args.epochs // 2)
     args.mdcl, args.div_bank = args.mdcl and args.bank, args.div_bank and args.bank
     args.pgc = args.pgc and args.concepts
+    if args.beta is None and not args.eval:
+        args.beta = 0.9
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     return args
 
@@ -162,7 +165,7 @@ def check_args(args, world_size):
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
                         f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
                         f"at least one batch (or pass --no-bank)")
-    if not 0 <= args.momentum <= 1 or not 0 <= args.beta <= 1:
+    if not 0 <= args.momentum <= 1 or not 0 <= (0 if args.beta is None else args.beta) <= 1:
         raise DataError(f"--momentum and --beta must lie in [0, 1], got {args.momentum} and {args.beta}")
 
 
@@ -1093,14 +1096,16 @@ def evaluate_checkpoint(path, args, device, root):
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt).to(device)
     tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
+    beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
         features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
         check_features(features, ckpt["model_args"], split)
         require_finite(features, split)
-        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device,
-                                    ckpt["args"]["beta"], folds, args.eval_batch_size)))
-    print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f})")
+        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
+                                    args.eval_batch_size)))
+    print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" + (f", beta {beta}" if
+          model.concepts is not None else "") + ")")
     print_table(rows)
     ceiling = toy_ceiling(root, "test")
     if ceiling:

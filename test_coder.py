@@ -534,6 +534,13 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
 
     again = cr.main(tiny_args(tiny, "--eval", str(tiny / "runs" / "best.pt")))
     assert again[0][1]["rsum"] == metrics["rsum"]
+    # --beta at evaluation overrides the checkpoint's: 1 ranks by the instance score alone
+    instance_only = cr.main(tiny_args(tiny, "--eval", str(tiny / "runs" / "best.pt"), "--beta", "1"))[0][1]
+    ckpt = load_checkpoint(tiny / "runs" / "best.pt")
+    tokenizer, _ = cr.load_text_model(ckpt["text_encoder"])
+    feats, tokens, _ = cr.load_retrieval_split(tiny / "toy", "test", tokenizer, ckpt["args"]["max_len"])
+    emb, _ = cr.encode_split(cr.model_from_checkpoint(ckpt), feats, tokens, tokenizer.pad_token_id, torch.device("cpu"))
+    assert instance_only["rsum"] == cr.recall_at_k(emb["v_I"] @ emb["w_I"].t())["rsum"]
     capsys.readouterr()
     cr.main(tiny_args(tiny, "--epochs", "3", "--resume", str(tiny / "runs" / "last.pt")))
     out = capsys.readouterr().out
