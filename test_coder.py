@@ -111,6 +111,20 @@ def test_printed_eq5_rewards_a_constant_similarity_the_relative_reading_does_not
     assert relative == pytest.approx([mu * math.log(1 + (N - 1) * math.exp(gamma / mu))] * 3)
 
 
+def test_unscaled_positive_keeps_a_constant_stationary_point():
+    """--dcl-positive unscaled (mu only on the negative term) still rewards an embedding that says the
+    same for every input: at S = s everywhere the loss is minimal where (N - 1) e / (1 + (N - 1) e) =
+    1 / (1 + s), e = exp((s - gamma) / mu), s* ~ 0.075 for N = 128; the concept branch trained with it
+    settles there (S_C ~ 0.075-0.097 on every dev pair, README)."""
+    N, mu, gamma = 128, 0.1, 0.3
+    grid = np.linspace(-0.3, 0.4, 701)
+    e = np.exp((grid - gamma) / mu)
+    by_hand = grid[np.argmin(np.abs(1 / (1 + grid) - (N - 1) * e / (1 + (N - 1) * e)))]
+    losses = [cr.dcl_loss(torch.full((N, N), s, dtype=torch.float64), mu, gamma, positive="unscaled").item()
+              for s in grid]
+    assert grid[int(np.argmin(losses))] == pytest.approx(by_hand, abs=1e-3) and by_hand == pytest.approx(0.075, abs=0.005)
+
+
 def test_eq4_equals_eq5_when_div_is_one(sim):
     S = torch.tensor(sim[:, :6])
     assert cr.dcl_loss(S, 0.1, 0.3, torch.ones(6, dtype=S.dtype)).item() == pytest.approx(cr.dcl_loss(S, 0.1, 0.3).item(), rel=1e-9)
