@@ -5,6 +5,7 @@
     python coder_retrieval.py --loss triplet --no-bank --no-concepts     # VSE++ baseline (Table 2 #1)
     python coder_retrieval.py --dataset flickr30k --data-root data/f30k_precomp --text-encoder bert-base-uncased
     python coder_retrieval.py --eval runs/coder/best.pt         # retrieval table of a checkpoint
+    python coder_retrieval.py --eval runs/coder/best.pt --beta 1   # the same, ranking by the instance score alone
 
 Table 3 of the paper, one command a row (add --dataset/--data-root):
     #1 --loss dcl-i --no-bank --no-concepts     #4 --loss dcl-i --no-concepts
@@ -22,8 +23,10 @@ Two readings differ from the print, each one flag away (see "Results on the toy 
 - Eq. 4/5's positive term. As printed, -log(S_nn + 1) sits outside the log-sum and is scaled by mu: its
   pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth or less of the push on its negatives (up to
   1 / div_n >= 1 in all), so training mostly drives negatives below the absolute threshold gamma, and a
-  constant similarity (S ~ -0.35 at batch 128) is a stationary point. Default: S_nn inside the exponent, a relative margin as in the hinge
-  (--dcl-positive relative); --dcl-positive printed gives the print.
+  constant similarity (S ~ -0.35 at batch 128) is a stationary point. Default: S_nn inside the exponent,
+  a relative margin as in the hinge (--dcl-positive relative); --dcl-positive printed gives the print.
+  --dcl-positive unscaled (mu on the negative term only) trains the instance branch a little better on
+  the toy worlds, but keeps a constant stationary point (S ~ 0.075), into which the concept branch falls.
 - Eq. 2's query. Unnormalised, q^T W y grows until the softmax is one-hot on one concept for every
   input (the concept branch collapses). Default: the projected query is L2-normalised, so lambda
   alone sets the sharpness (--concept-cosine, lambda 3); --no-concept-cosine --concept-lambda 10 gives
@@ -80,7 +83,7 @@ def parse_args(argv=None):
     add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
         help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
-    # relative by default: the printed positive term barely pulls S_nn (module docstring, README)
+    # relative by default: the printed positive term barely pulls S_nn, unscaled lets the concept branch collapse
     add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
         help="positive term of Eq. 4/5: as printed, as printed without the mu factor, or S_nn inside the exponent")
     add("--mask-identical", action=argparse.BooleanOptionalAction, default=False,
