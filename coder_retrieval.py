@@ -1,7 +1,7 @@
 """CODER: Coupled Diversity-Sensitive Momentum Contrastive Learning for Image-Text Retrieval
 (Wang et al., ECCV 2022, https://arxiv.org/abs/2208.09843), as one file read top to bottom.
 
-    python coder_retrieval.py                                   # toy world, full CODER, 4-8 min on 2 CPU cores
+    python coder_retrieval.py                                   # toy world, full CODER, ~3 min on 2 CPU cores
     python coder_retrieval.py --loss triplet --no-bank --no-concepts     # VSE++ baseline (Table 2 #1)
     python coder_retrieval.py --dataset flickr30k --data-root data/f30k_precomp --text-encoder bert-base-uncased
     python coder_retrieval.py --eval runs/coder/best.pt         # retrieval table of a checkpoint
@@ -1083,10 +1083,12 @@ def train(args, device, root):
                 print("  " + format_concept_usage(concept_usage(model, dev_feats, dev_tokens, pad_id, device,
                                                                 args.eval_batch_size)))
             ckpt = training_state(epoch, steps, rng)
-            save_checkpoint(ckpt, last_path)
+            # best.pt first: last.pt records this best_rsum, so a kill between the two saves must not
+            # leave a last.pt that believes in a best.pt never written (the resumed run would not redo it)
             if improved:  # for evaluation and as a start: without the PGC store (1.2 GB on COCO) and RNG
                 save_checkpoint({k: v for k, v in ckpt.items() if k not in ("pgc_store", "pgc_seen", "rng")},
                                 best_path)
+            save_checkpoint(ckpt, last_path)
         kept = f"{last_path} keeps step {(epoch + 1) * steps}"
         barrier()
     if train_pairs and master:

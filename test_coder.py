@@ -681,6 +681,31 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
         assert torch.equal(b["model"][key], value), key
 
 
+def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_same_table(tiny, tmp_path, monkeypatch):
+    """At the end of an epoch best.pt and last.pt are written one after the other; last.pt records the
+    new best dev rsum, so it must come second: a kill after the first save then resumes from the older
+    last.pt and writes best.pt again (in the other order the resumed run found no best.pt to test)."""
+    argv = tiny_args(tiny, "--epochs", "1", "--save-every", "4")
+    straight = cr.main(argv + ["--out-dir", str(tmp_path / "straight")])
+
+    class Killed(Exception):
+        pass
+
+    real_save = cr.save_checkpoint
+
+    def save_then_die_at_the_epoch_end(obj, path):
+        real_save(obj, path)
+        if obj["resume_at"][1] == 0:  # the first file written at the end of the epoch
+            raise Killed
+
+    monkeypatch.setattr(cr, "save_checkpoint", save_then_die_at_the_epoch_end)
+    with pytest.raises(Killed):
+        cr.main(argv + ["--out-dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(cr, "save_checkpoint", real_save)
+    resumed = cr.main(argv + ["--out-dir", str(tmp_path / "killed"), "--resume", str(tmp_path / "killed" / "last.pt")])
+    assert resumed[0][1]["rsum"] == straight[0][1]["rsum"]
+
+
 # --- Several processes (torchrun / DDP, gloo on the CPU) ---
 
 GLOBAL_BATCH = np.arange(0, 80, 5) + np.arange(16) % 5  # 16 captions of 16 different images
