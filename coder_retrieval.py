@@ -168,7 +168,7 @@ def check_args(args, world_size):
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
                         f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
                         f"at least one batch (or pass --no-bank)")
-    if not 0 <= args.momentum <= 1 or not 0 <= (0 if args.beta is None else args.beta) <= 1:
+    if not 0 <= args.momentum <= 1 or args.beta is not None and not 0 <= args.beta <= 1:
         raise DataError(f"--momentum and --beta must lie in [0, 1], got {args.momentum} and {args.beta}")
 
 
@@ -1083,8 +1083,7 @@ def train(args, device, root):
                 print("  " + format_concept_usage(concept_usage(model, dev_feats, dev_tokens, pad_id, device,
                                                                 args.eval_batch_size)))
             ckpt = training_state(epoch, steps, rng)
-            # best.pt first: last.pt records this best_rsum, so a kill between the two saves must not
-            # leave a last.pt that believes in a best.pt never written (the resumed run would not redo it)
+            # best.pt first: last.pt records best_rsum, and a run resumed from it would not write best.pt again
             if improved:  # for evaluation and as a start: without the PGC store (1.2 GB on COCO) and RNG
                 save_checkpoint({k: v for k, v in ckpt.items() if k not in ("pgc_store", "pgc_seen", "rng")},
                                 best_path)
@@ -1109,8 +1108,8 @@ def evaluate_checkpoint(path, args, device, root):
         require_finite(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
                                     args.eval_batch_size)))
-    print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" + (f", beta {beta}" if
-          model.concepts is not None else "") + ")")
+    mix = f", beta {beta}" if model.concepts is not None else ""
+    print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}{mix})")
     print_table(rows)
     ceiling = toy_ceiling(root, "test")
     if ceiling:
