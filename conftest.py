@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common import load_checkpoint, setup_distributed, shutdown_distributed
+import torch.distributed as dist
 
 
 def _free_port():
@@ -20,15 +20,15 @@ def _free_port():
 
 
 def _as_rank(rank, world_size, port, worker, args):
-    """One worker: torchrun's environment variables, then the scripts' own set-up (gloo on the CPU)."""
+    """One worker: torchrun's environment variables and a gloo process group, as the scripts start one."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    setup_distributed()
+    dist.init_process_group("gloo")
     try:
         worker(rank, *args)
     finally:
-        shutdown_distributed()
+        dist.destroy_process_group()
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def run_killed(tmp_path):
         with open(log_path, "w") as log:
             process = subprocess.Popen([str(part) for part in command], stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
-                while not (checkpoint.exists() and step_of(load_checkpoint(checkpoint)) >= target):
+                while not (checkpoint.exists() and step_of(torch.load(checkpoint, weights_only=True)) >= target):
                     assert process.poll() is None, f"ended before step {target}: {log_path.read_text()[-2000:]}"
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0, 0.05))
@@ -60,5 +60,5 @@ def run_killed(tmp_path):
                 process.kill()
                 process.wait()
         assert process.returncode == -9, f"not killed mid-run (target step {target}): {log_path.read_text()[-2000:]}"
-        return target, step_of(load_checkpoint(checkpoint)), log_path.read_text()
+        return target, step_of(torch.load(checkpoint, weights_only=True)), log_path.read_text()
     return run
