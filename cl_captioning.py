@@ -108,6 +108,10 @@ def build_parser():
     return p
 
 
+CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
+               "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
@@ -620,19 +624,18 @@ def validate(model, dev, vocab, args, device):
 
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available()
     if world_size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        # rank 0 validates while the others wait at a barrier: allow for a long COCO validation
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def save_checkpoint(ckpt, path):
-    """Write a temporary file, flush it to the disk, rename it over `path`: a kill at any moment (even
-    kill -9) leaves the old file or the new one, never a broken one. Rank 0 alone writes."""
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
+    leaves the old file or the new one, never a broken one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -662,8 +665,8 @@ def load_checkpoint(path):
 
 
 def rng_states(device):
-    """Every rank's torch RNG states (CPU and CUDA), in rank order: a resumed run draws the dropout masks
-    the uninterrupted one would. A collective under torchrun."""
+    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
+    masks the uninterrupted one would. A collective under torchrun."""
     state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
     states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
@@ -671,73 +674,64 @@ def rng_states(device):
     return states
 
 
-def set_rng_states(states, rank, device):
-    torch.set_rng_state(states[rank][0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[rank][1], device)
-
-
-def check_finite_loss(pending, kept, name):
-    """`pending` holds (step, loss) since the last look; looked at only where the loop waits for the device
-    anyway. A NaN or inf loss stops every rank with one line, before anything is saved from it."""
-    steps, losses = zip(*pending) if pending else ((), ())
-    values = torch.stack(losses).float().cpu().tolist() if losses else []
-    pending.clear()
-    bad = [(step, value) for step, value in zip(steps, values) if not math.isfinite(value)][:1]
+def check_finite_loss(run):
+    """A look at the losses of the steps since the last one, only where the loop waits for the device
+    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
+    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
+    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
+    run.pending.clear()
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, bad)
         bad = sorted(sum(everyone, []))[:1]
     if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({name} {bad[0][1]:.4g}); stopped, {kept}; "
-                        f"try a lower --lr, or check the data")
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
+                        f"{run.kept}; try a lower --lr, or check the data")
 
 
-def checkpoint(run, target, reference, optimizer, vocab, args, epoch, rng=None):
-    """One plain dict: `epoch` is where a resumed run goes on (the next one after an epoch's end)."""
+def checkpoint(run, target, reference, optimizer, vocab, args, epoch, best=False):
+    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have
+    been replaced (Sec. 4.3). best.pt leaves out the RNG states."""
     ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
             "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
-            "rng": rng, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-    if reference is not None:  # the reference may have been replaced (Sec. 4.3)
-        ckpt["reference"] = captioner_record(reference)
-    return ckpt
+            "world_size": run.world_size, "reference": captioner_record(reference) if reference else None}
+    return ckpt if best else dict(ckpt, rng=rng_states(run.device))
 
 
-def resume(args, target, reference, optimizer, run):
-    """Restore last.pt of --out-dir: weights, optimizer, step, best dev score and every rank's RNG."""
-    ckpt, path = load_checkpoint(run.last), run.last
-    if ckpt.get("stage") != args.stage:
-        raise DataError(f"{path} is a {ckpt.get('stage')} run, not {args.stage}; check --ref / --out-dir")
-    if ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
-        raise DataError(f"{path} holds a different model ({ckpt['model']['kind']} {ckpt['model']['kwargs']}); "
-                        f"resume with the flags of that run")
-    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
-    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("world_size", run.world_size),
-                        ("skip_nonfinite", args.skip_nonfinite)):  # they fix the order of the batches
-        if saved.get(name) != value:
-            raise DataError(f"{path} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+def save_last(run, epoch, *state):
+    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
+    check_finite_loss(run)
+    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
+    if run.rank == 0:
+        save_checkpoint(ckpt, run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume(args, run, target, reference, optimizer):
+    """Go on from last.pt of --out-dir as if never stopped."""
+    ckpt = load_checkpoint(run.last)
+    if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
+        raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
+                        f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
+    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
+                        ("world_size", run.world_size)):  # they fix the order of the batches
+        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
+                            f"{value}; resume with the same")
     target.load_state_dict(ckpt["model"]["state"])
     if reference is not None:
         reference.load_state_dict(ckpt["reference"]["state"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_states(ckpt["rng"], run.rank, run.device)
-    run.step, run.epoch, run.best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
+    torch.set_rng_state(ckpt["rng"][run.rank][0])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
+    run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
     if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
-    run.kept = f"{path} keeps step {run.step}"
     if run.rank == 0:
-        print(f"resuming {path} at step {run.step} (epoch {run.epoch + 1})")
-
-
-def save_last(run, epoch, *models):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run.pending, run.kept, run.loss_name)
-    rng = rng_states(run.device)
-    if run.rank == 0:
-        save_checkpoint(checkpoint(run, *models, epoch, rng), run.last)
-    run.kept = f"{run.last} keeps step {run.step}"
-    if dist.is_initialized():
-        dist.barrier()
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
 
 # --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
@@ -757,24 +751,28 @@ def rank_share(global_ids, rank, world_size):
 
 def batches(keep, args, epoch, run):
     """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
-    order = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)]
-    global_batch = args.batch_images * run.world_size
-    done = run.step - epoch * math.ceil(len(order) / global_batch)
-    bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
-               desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
-               initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
-    run.bar, run.tick = bar, time.perf_counter()
+    order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
+    done = run.step - epoch * run.steps_per_epoch
+    run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
+                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
+                   initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
+    run.tick = time.perf_counter()
     for start in range(done * global_batch, len(order), global_batch):
         global_ids = np.sort(order[start:start + global_batch])
         yield global_ids, rank_share(global_ids, run.rank, run.world_size)
-        bar.update(len(global_ids) * CAPS_PER_IMAGE)
-    bar.close()
+        run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
+    run.bar.close()
 
 
 def on_device(device, *captions):
     """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
     length = max(used_length(c) for c in captions)
     return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
+
+
+def own_images(n_images, device):
+    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
+    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
 
 
 def negative_captions(captions, global_ids, mine, K, seed, step):
@@ -784,26 +782,32 @@ def negative_captions(captions, global_ids, mine, K, seed, step):
     return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
 
 
-def after_step(run, loss, n_images, args, epoch, models):
-    """Bookkeeping after a step: the loss kept for the next look, progress, last.pt every --save-every
-    steps. True when --max-steps is reached."""
+def optimizer_step(target, optimizer, loss, grad_clip):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
+    optimizer.step()
+
+
+def after_step(run, loss, n_images, args, epoch, state):
+    """The loss kept for the next look, progress, last.pt every --save-every steps; True at --max-steps."""
     now = time.perf_counter()
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
     if run.step % 25 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run.pending, run.kept, run.loss_name)
+        check_finite_loss(run)
         run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     if args.max_steps and run.step >= args.max_steps:
         return True
     if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
-        save_last(run, epoch, *models)  # mid-epoch: a kill -9 loses at most save_every steps
+        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
     return False
 
 
-def end_of_epoch(run, epoch, dev, models):
-    """Dev CIDEr (and R@1), best.pt, reference replacement (Sec. 4.3), last.pt."""
-    target, reference, _, vocab, args = models
-    check_finite_loss(run.pending, run.kept, run.loss_name)  # never a dev score or best.pt from NaN weights
+def end_of_epoch(run, epoch, dev, state):
+    """Dev CIDEr (and R@1), best.pt, reference replacement (Sec. 4.3), then last.pt."""
+    target, reference, _, vocab, args = state
+    check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
     box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
@@ -812,74 +816,59 @@ def end_of_epoch(run, epoch, dev, models):
         run.best_score = float(scores["CIDEr"])  # a numpy float would not load with weights_only
         run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
         if run.rank == 0:
-            save_checkpoint(checkpoint(run, *models, epoch + 1), run.best)
+            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
     if run.rank == 0:
-        print(f"epoch {epoch + 1}: dev CIDEr {100 * scores['CIDEr']:.1f}" +
-              (f", self-retrieval R@1 {scores['R@1']:.1f}" if "R@1" in scores else "") +
-              f" (best CIDEr {100 * run.best_score:.1f})")
+        print(f"epoch {epoch + 1}: dev CIDEr {100 * scores['CIDEr']:.1f}" + (f", self-retrieval R@1 {scores['R@1']:.1f}"
+              if "R@1" in scores else "") + f" (best CIDEr {100 * run.best_score:.1f})")
     if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
         reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
         if run.rank == 0:
             print("reference replaced by the best target so far")
-    save_last(run, epoch + 1, *models)
-
-
-def own_images(n_images, device):
-    """The image of each of the 5n captions of a batch: 0, 0, 0, 0, 0, 1, ..."""
-    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
-
-def optimizer_step(target, optimizer, loss, grad_clip):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
-    optimizer.step()
+    save_last(run, epoch + 1, *state)
 
 
 def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
     """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
-    rank trains on its share of every global batch of batch_images x world_size images; rank 0 alone
-    validates, prints and saves while the others wait."""
+    rank trains on its share of every global batch of batch_images x world_size images (`keep`: the
+    images trained on); rank 0 alone validates, prints and saves while the others wait."""
     rank, world_size, device = setup_ddp()
-    features, captions = train_data
-    model = target  # what the loss calls: the target, or its DDP wrapper that averages gradients over ranks
+    (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
         model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    models = (target, reference, optimizer, vocab, args)
+    state = (target, reference, optimizer, vocab, args)
     run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
                           best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
-                          seconds=0.0, kept=f"nothing saved yet in {out_dir}", loss_name="MLE loss (Eq. 1)" if
-                          reference is None else "CL loss -J (Eq. 10)",
+                          seconds=0.0, kept=f"nothing saved yet in {out_dir}",
+                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
                           steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
                                                     (args.batch_images * world_size)))
     if args.resume:
-        resume(args, target, reference, optimizer, run)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    epoch = run.epoch
+        resume(args, run, target, reference, optimizer)
+    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
     try:
         for epoch in range(run.epoch, args.epochs):
             target.train()
             for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
                 ids = global_ids[mine]
-                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(mine) * CAPS_PER_IMAGE, -1)
+                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
                 with autocast:
                     if reference is None:
                         pos, = on_device(device, pos)
-                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)              # Eq. 1
+                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
                     else:
-                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)   # Sec. 4.2
+                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)  # Sec. 4.2
                         pos, neg = on_device(device, pos, neg)
                         loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
                 optimizer_step(target, optimizer, loss, args.grad_clip)
                 run.step += 1
-                if after_step(run, loss, len(ids), args, epoch, models):  # progress, last.pt; True at --max-steps
-                    save_last(run, epoch, *models)
+                if after_step(run, loss, len(ids), args, epoch, state):  # progress, last.pt; True at --max-steps
+                    save_last(run, epoch, *state)
                     return finish(run)
-            end_of_epoch(run, epoch, dev, models)  # dev CIDEr, best.pt, reference replacement, last.pt
+            end_of_epoch(run, epoch, dev, state)  # dev CIDEr, best.pt, reference replacement, last.pt
     except KeyboardInterrupt:
-        save_last(run, epoch, *models)
+        save_last(run, epoch, *state)
         if rank == 0:
             print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
         raise SystemExit(130)
@@ -912,13 +901,13 @@ def captioners(args, vocab, train_features, device):
 
 
 def test_report(args, best_path, test, vocab, device):
-    """The test table: MLE alone, or reference (and the target before CL, Table 5) against the CL target."""
-    feat_dim, split = test[0].shape[2], captioning_test_split(args.dataset)
-    image_ids, n = load_image_ids(prepare_data(args.dataset, args.data_root), split, len(test[0])), len(test[0])
+    """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
+    split, n = captioning_test_split(args.dataset), len(test[0])
+    image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
     title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
             f"{scores_note()})"
-    score = lambda path, results=None: evaluate(load_captioner(path, vocab, feat_dim, device, args.dataset)[0], *test,
-                                                vocab, args, device, image_ids=image_ids, results_file=results)
+    score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
+                                                *test, vocab, args, device, image_ids, results)
     target_scores, target_captions = score(best_path, results_path(best_path, split))
     if args.stage == "mle" or args.eval:
         print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
@@ -929,19 +918,17 @@ def test_report(args, best_path, test, vocab, device):
             print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
                   f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
         return target_scores
-    ref_scores, ref_captions = score(args.ref)  # the reference as it was before training
-    columns = {"reference": ref_scores}
+    columns = {"reference": score(args.ref)}  # the reference as it was before training
     if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
-        columns["target before CL"] = score(args.init)[0]
-    columns["CL target"] = target_scores
-    print_table(columns, title)
+        columns["target before CL"] = score(args.init)
+    columns["CL target"] = target_scores, target_captions
+    print_table({name: scores for name, (scores, _) in columns.items()}, title)
     print(f"\nexamples (Figure 2): the first {args.examples} test images")
     for i in range(min(args.examples, n)):
-        human = max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)
-        print(f"  image {i}: human:     {human}\n           reference: {ref_captions[i]}\n"
-              f"           target:    {target_captions[i]}")
+        print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
+              f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
     print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
-    return {"reference": ref_scores, "target": target_scores}
+    return {"reference": columns["reference"][0], "target": target_scores}
 
 
 def main(argv=None):
@@ -953,9 +940,8 @@ def main(argv=None):
     root = prepare_data(args.dataset, args.data_root)
     train_features, train_text = load_split(root, "train")
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
-    split = captioning_test_split(args.dataset)
-    test = load_split(root, split)
-    finite_images(test[0], split)  # up front: never a table computed from NaN
+    test = load_split(root, captioning_test_split(args.dataset))
+    finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
     if args.eval:
         return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
     dev = load_split(root, "dev")
@@ -970,11 +956,10 @@ def main(argv=None):
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
     if rank == 0:
-        print(f"{args.stage.upper()}: {target.kind} with {sum(p.numel() for p in target.parameters()):,} parameters, "
-              f"{len(vocab)} words, {len(keep)} training images, {args.batch_images} a step x {world_size} "
-              f"process(es), lr {args.lr:g}, {args.epochs} epochs" + (f", K {args.K}, nu {args.nu:g}, terms "
-              f"{args.terms}" if reference is not None else "") + f", seed {args.seed}, device {device}; "
-              f"checkpoints in {out_dir}/")
+        print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
+              f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
+              f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
+              f"; checkpoints in {out_dir}/")
     best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
                       dev, vocab, out_dir, keep)
     return test_report(args, best_path, test, vocab, device) if rank == 0 else None

@@ -87,15 +87,13 @@ def build_parser():
     add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers model")
     add("--concept-file", default=None, help="CVSE's concepts as .npz (see convert_cvse_concepts) instead of "
         "concepts picked from the training captions")
-    add("--glove", default=None, help="local GloVe text file for the concept vectors X (default: the text "
-        "encoder's input embeddings)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
     add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
     add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
-    add("--loss", default="dcl", choices=["triplet", "infonce", "dcl-i", "dcl"],
-        help="VSE++ max-violation hinge, InfoNCE, Eq. 4 (implicit diversity) or Eq. 5 (explicit)")
+    add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"],
+        help="VSE++ max-violation hinge, Eq. 4 (implicit diversity) or Eq. 5 (explicit diversity)")
     add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
         help="positive term of Eq. 4/5: as printed, without its mu factor, or S_nn inside the exponent (see dcl_loss)")
     add("--bank", action=switch, default=True, help="coupled momentum memory banks (Sec. 3.2)")
@@ -104,7 +102,7 @@ def build_parser():
     add("--concepts", action=switch, default=True, help="concept branch and L^C_DCL (Eq. 2)")
     add("--pgc", action=switch, default=True, help="prototype-guided classification (Eq. 7); needs --concepts")
     add("--embed-size", type=int, default=1024, help="joint space dimension F")
-    add("--mu", type=float, default=0.1, help="temperature mu (Eq. 4/5; also InfoNCE's)")
+    add("--mu", type=float, default=0.1, help="temperature mu (Eq. 4/5)")
     add("--gamma", type=float, default=0.3, help="margin gamma (Eq. 4/5)")
     add("--eps", type=float, default=0.1, help="epsilon of the diversity estimate (Eq. 3)")
     add("--margin", type=float, default=0.2, help="hinge margin of --loss triplet (VSE++)")
@@ -133,6 +131,11 @@ def build_parser():
     add("--seed", type=int, default=0, help="random seed")
     add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
+
+
+CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
+               "concept_lambda", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update", "epochs",
+               "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
 
 
 def parse_args(argv=None):
@@ -292,27 +295,9 @@ def concept_adjacency(counts, nums, threshold=0.3, reweight=0.25):
     return (D @ A.T @ D).astype(np.float32)
 
 
-def concept_inputs(concepts, tokenizer, word_embeddings, glove=None):
-    """X: GloVe vectors from a local file, else the mean input embedding of each word's pieces."""
-    if glove is not None:
-        if not Path(glove).is_file():
-            raise DataError(f"GloVe file {glove} not found")
-        wanted, vectors = set(concepts), {}
-        with open(glove, encoding="utf-8", errors="ignore") as f:
-            for line in f:
-                word, _, rest = line.partition(" ")
-                if word in wanted:
-                    vectors[word] = np.array(rest.split(), dtype=np.float32)
-        if not vectors:
-            raise DataError(f"{glove} holds none of the concept words; is it a GloVe text file?")
-        dim = len(next(iter(vectors.values())))
-        rng = np.random.default_rng(0)  # the rare word GloVe lacks gets a random vector of GloVe's scale
-        return torch.from_numpy(np.stack([vectors.get(w, rng.normal(0, 0.4, dim).astype(np.float32))
-                                          for w in concepts]))
-    rows = []
-    for word in concepts:
-        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
-        rows.append(word_embeddings[pieces].mean(0))
+def concept_inputs(concepts, tokenizer, word_embeddings):
+    """X: the mean input embedding of each concept word's pieces (CVSE's GloVe vectors: --concept-file)."""
+    rows = [word_embeddings[tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0) for word in concepts]
     return torch.stack(rows).detach().float()
 
 
@@ -481,15 +466,10 @@ class CODER(nn.Module):
                                           self.text_encoder.bert.config.hidden_size) if n_concepts else None
             self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
-        if bank_size:
-            self.image_encoder_m, self.text_encoder_m = self.make_momentum_copies()
+        if bank_size:  # the key encoders of MoCo, and a queue per modality
+            self.image_encoder_m, self.text_encoder_m = (copy.deepcopy(encoder).requires_grad_(False)
+                                                         for encoder in (self.image_encoder, self.text_encoder))
             self.image_queue, self.text_queue = MemoryBank(bank_size, embed_size), MemoryBank(bank_size, embed_size)
-
-    def make_momentum_copies(self):
-        copies = copy.deepcopy(self.image_encoder), copy.deepcopy(self.text_encoder)
-        for module in copies:
-            module.requires_grad_(False)
-        return copies
 
     def reset_momentum(self):
         """Key encoders start as exact copies of the (pretrained) query encoders."""
@@ -583,19 +563,10 @@ def triplet_loss(sim, margin=0.2, negatives=None):
     return F.relu(margin + hardest - sim.diagonal()).sum()
 
 
-def infonce_loss(sim, mu=0.1, negatives=None):
-    negatives = off_diagonal(sim) if negatives is None else negatives
-    keep = negatives | ~off_diagonal(sim)
-    logits = (sim / mu).masked_fill(~keep, float("-inf"))
-    return -(sim.diagonal() / mu - torch.logsumexp(logits, dim=1)).mean()
-
-
 def contrastive(sim, args, div=None, negatives=None):
     """The loss chosen by --loss, one direction, anchors as rows."""
     if args.loss == "triplet":
         return triplet_loss(sim, args.margin, negatives)
-    if args.loss == "infonce":
-        return infonce_loss(sim, args.mu, negatives)
     return dcl_loss(sim, args.mu, args.gamma, div if args.loss == "dcl" else None, negatives, args.dcl_positive)
 
 
@@ -670,43 +641,31 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
 # --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) -------------------------------------------
 
 @torch.no_grad()
-def encode_split(model, features, tokens, pad_id, device, batch_size=256):
-    """Every image once and every caption once; returns embeddings and the seconds it took."""
+def encode_split(model, features, tokens, pad_id, device, batch_size=256, attention=False):
+    """Every image once and every caption once: v^I, w^I and v^C, w^C (with `attention`, Eq. 2's
+    scores a^v, a^w instead), and the seconds it took."""
     model.eval()
-    start = time.perf_counter()
-    v_I, v_C, w_I, w_C = [], [], [], []
+    start, parts = time.perf_counter(), ([], [])
     with autocast(device):
         for i in range(0, len(features), batch_size):
-            idx = np.arange(i, min(i + batch_size, len(features)))
-            v, vc = model.encode_images(image_batch(features, idx, device))
-            v_I.append(v.float()), v_C.append(vc.float() if vc is not None else None)
+            parts[0].append(model.encode_images(image_batch(features, np.arange(i, min(i + batch_size, len(features))),
+                                                            device), attention))
         for i in range(0, len(tokens), batch_size):
-            ids, mask = text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))), pad_id, device)
-            w, wc = model.encode_texts(ids, mask)
-            w_I.append(w.float()), w_C.append(wc.float() if wc is not None else None)
+            parts[1].append(model.encode_texts(*text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))),
+                                                           pad_id, device), attention))
+    join = lambda chunks: torch.cat([c.float() for c in chunks]) if chunks[0] is not None else None
+    (v_I, v_C), (w_I, w_C) = ((join(list(c)) for c in zip(*p)) for p in parts)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    emb = {"v_I": torch.cat(v_I), "w_I": torch.cat(w_I), "v_C": None, "w_C": None}
-    if v_C[0] is not None:
-        emb["v_C"], emb["w_C"] = torch.cat(v_C), torch.cat(w_C)
-    return emb, time.perf_counter() - start
+    return {"v_I": v_I, "w_I": w_I, "v_C": v_C, "w_C": w_C}, time.perf_counter() - start
 
 
 @torch.no_grad()
 def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
     """Does the concept branch carry information? Distinct argmax concepts over images and over
     captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
-    model.eval()
-    a_v, a_w = [], []
-    Y = model.concepts.basis()
-    with autocast(device):
-        for i in range(0, len(features), batch_size):
-            regions = image_batch(features, np.arange(i, min(i + batch_size, len(features))), device)
-            a_v.append(model.encode_images(regions, attention=True)[1].float())
-        for i in range(0, len(tokens), batch_size):
-            ids, mask = text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))), pad_id, device)
-            a_w.append(model.encode_texts(ids, mask, attention=True)[1].float())
-    a_v, a_w = torch.cat(a_v), torch.cat(a_w)
+    emb, _ = encode_split(model, features, tokens, pad_id, device, batch_size, attention=True)
+    a_v, a_w, Y = emb["v_C"], emb["w_C"], model.concepts.basis()
     S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
     entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
     return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
@@ -722,12 +681,10 @@ def format_concept_usage(u):
             f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
 
 
-def similarity(emb, beta, images=slice(None), captions=slice(None)):
+def similarity(emb, beta):
     """Inference (Sec. 3.5): S = beta S(v^I, w^I) + (1 - beta) S(v^C, w^C)."""
-    S = emb["v_I"][images] @ emb["w_I"][captions].t()
-    if emb["v_C"] is not None:
-        S = beta * S + (1 - beta) * (emb["v_C"][images] @ emb["w_C"][captions].t())
-    return S
+    S = emb["v_I"] @ emb["w_I"].t()
+    return S if emb["v_C"] is None else beta * S + (1 - beta) * (emb["v_C"] @ emb["w_C"].t())
 
 
 def recall_at_k(sims):
@@ -741,15 +698,12 @@ def recall_at_k(sims):
     own = torch.arange(CAPS_PER_IMAGE * n, device=sims.device) // CAPS_PER_IMAGE
     is_gt = own[None, :] == torch.arange(n, device=sims.device)[:, None]
     best_gt = sims.masked_fill(~is_gt, float("-inf")).max(1).values
-    i2t = ((sims >= best_gt[:, None]) & ~is_gt).sum(1)
     gt_sim = sims[own, torch.arange(CAPS_PER_IMAGE * n, device=sims.device)]
-    t2i = ((sims >= gt_sim[None, :]) & ~is_gt).sum(0)
-    out = {}
-    for name, ranks in (("i2t", i2t.cpu().numpy()), ("t2i", t2i.cpu().numpy())):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * np.mean(ranks < k)
-        out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    ranks = {"i2t": ((sims >= best_gt[:, None]) & ~is_gt).sum(1).cpu().numpy(),
+             "t2i": ((sims >= gt_sim[None, :]) & ~is_gt).sum(0).cpu().numpy()}
+    out = {f"{d}_r{k}": 100.0 * np.mean(ranks[d] < k) for d in ranks for k in (1, 5, 10)}
+    out.update({f"{d}_medr": float(np.floor(np.median(ranks[d])) + 1) for d in ranks})
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ranks for k in (1, 5, 10))
     return out
 
 
@@ -765,23 +719,18 @@ def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=
     """Metrics of `folds` consecutive equal slices (COCO 1K: 5 folds of testall, averaged) plus the
     encoding time and the similarity throughput in image-caption pairs per second (Fig. 4)."""
     emb, encode_seconds = encode_split(model, features, tokens, pad_id, device, batch_size)
-    n = len(features)
     start = time.perf_counter()
     S = similarity(emb, beta)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    sim_seconds = time.perf_counter() - start
-    metrics = fold_recall(S, folds)
-    pairs = n * CAPS_PER_IMAGE * n
-    metrics.update(images=n, encode_s=encode_seconds, sim_pairs_per_s=pairs / max(sim_seconds, 1e-9),
-                   pairs_per_s=pairs / (encode_seconds + sim_seconds))
-    return metrics
+    sim_seconds, pairs = time.perf_counter() - start, len(features) * CAPS_PER_IMAGE * len(features)
+    return dict(fold_recall(S, folds), images=len(features), encode_s=encode_seconds,
+                sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds))
 
 
 def print_table(rows):
-    head = f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}" \
-           f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}"
-    print(head)
+    print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
+          f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}")
     for name, m in rows:
         print(f"{name:<12}{m['i2t_r1']:>8.1f}{m['i2t_r5']:>7.1f}{m['i2t_r10']:>7.1f}{m['i2t_medr']:>6.0f}"
               f"{m['t2i_r1']:>9.1f}{m['t2i_r5']:>7.1f}{m['t2i_r10']:>7.1f}{m['t2i_medr']:>6.0f}{m['rsum']:>8.1f}"
@@ -790,42 +739,37 @@ def print_table(rows):
 
 def test_splits(dataset):
     """(table name, split, folds): COCO reports 5-fold 1K and 5K on testall (never 1K on test alone)."""
-    if dataset == "coco":
-        return [("COCO 1K", "testall", 5), ("COCO 5K", "testall", 1)]
-    return [("test", "test", 1)]
+    return [("COCO 1K", "testall", 5), ("COCO 5K", "testall", 1)] if dataset == "coco" else [("test", "test", 1)]
 
 
 # --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
 
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available()
     if world_size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        # rank 0 clusters and validates while the others wait at a barrier: allow for COCO's
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def wrap_ddp(model, device):
-    """Gradients averaged over ranks in backward. The queues are kept equal by the gathers of the keys,
-    so buffers are not re-broadcast at every forward (32 MB a step for COCO's banks)."""
+    """Gradients averaged over ranks. The queues are kept equal by gathering the keys, so buffers are not
+    re-broadcast at every forward (32 MB a step for COCO's banks)."""
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else {"broadcast_buffers": False})  # the older name, deprecated by newer torch
+               else {"broadcast_buffers": False})  # the older name
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def save_checkpoint(ckpt, path):
-    """Write a temporary file, flush it to the disk, rename it over `path`: a kill at any moment (even
-    kill -9) leaves the old file or the new one, never a broken one. Rank 0 alone writes."""
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
+    leaves the old file or the new one, never a broken one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -855,8 +799,8 @@ def load_checkpoint(path):
 
 
 def rng_states(device):
-    """Every rank's torch RNG states (CPU and CUDA), in rank order: a resumed run draws the dropout masks
-    the uninterrupted one would. A collective under torchrun."""
+    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
+    masks the uninterrupted one would. A collective under torchrun."""
     state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
     states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
@@ -864,66 +808,40 @@ def rng_states(device):
     return states
 
 
-def set_rng_states(states, rank, device):
-    torch.set_rng_state(states[rank][0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[rank][1], device)
-
-
-def check_finite_loss(pending, kept):
-    """`pending` holds (step, term names, term values) since the last look, which happens only where the
-    loop waits for the device anyway. A NaN or inf stops every rank with one line, before it is saved."""
+def check_finite_loss(run):
+    """A look at the loss terms of the steps since the last one, only where the loop waits for the device
+    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
     bad = []
-    if pending:
-        values = torch.stack([v for _, _, v in pending]).cpu()
+    if run.pending:
+        values = torch.stack([v for _, _, v in run.pending]).cpu()
         broken = (~values.isfinite().all(1)).nonzero()
         if len(broken):
-            step, names, _ = pending[int(broken[0])]
+            step, names, _ = run.pending[int(broken[0])]
             bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, values[int(broken[0])].tolist())))]
-    pending.clear()
+    run.pending.clear()
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, bad)
         bad = sorted(sum(everyone, []))[:1]
     if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({bad[0][1]}); stopped, {kept}; "
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({bad[0][1]}); stopped, {run.kept}; "
                         f"try a lower --lr, or check the data")
 
 
-def checkpoint(run, model, optimizer, scaler, args, epoch, with_store=True):
-    """One plain dict: `epoch` is where a resumed run goes on; the queues, their pointers and the momentum
-    encoders are in the model's state_dict. best.pt leaves out the PGC store (1.2 GB on COCO) and RNG."""
+def checkpoint(run, model, optimizer, args, epoch, best=False):
+    """One plain dict; `epoch` is where a resumed run goes on. The queues, their pointers and the momentum
+    encoders are in the model's state_dict; best.pt leaves out the PGC store (1.2 GB on COCO) and RNG."""
     ckpt = {"model": model.state_dict(), "model_args": run.model_args, "args": vars(args), "step": run.step,
-            "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "concepts": run.concepts, "pgc_centroids": run.centroids, "pgc_labels": run.labels.cpu(),
-            "world_size": run.world_size, "text_encoder": args.text_encoder}
-    if with_store:
-        ckpt.update(rng=rng_states(run.device), pgc_store=run.pgc_store.cpu(), pgc_seen=run.pgc_seen.cpu())
-    return ckpt
-
-
-def resume(args, run, model, optimizer, scaler, ckpt):
-    """Go on from a last.pt as if never stopped; the model itself was built from it by the caller."""
-    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
-    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("world_size", run.world_size),
-                        ("skip_nonfinite", args.skip_nonfinite)):  # they fix which pairs each step holds
-        if saved.get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    run.pgc_store.copy_(ckpt["pgc_store"])
-    run.pgc_seen.copy_(ckpt["pgc_seen"])
-    run.labels.copy_(ckpt["pgc_labels"])
-    set_rng_states(ckpt["rng"], run.rank, run.device)
-    run.step, run.epoch, run.best_rsum, run.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
-    run.kept = f"{run.last} keeps step {run.step}"
-    if run.rank == 0:
-        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+            "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": optimizer.state_dict(), "concepts": run.concepts,
+            "pgc_centroids": run.centroids, "pgc_labels": run.labels.cpu(), "world_size": run.world_size,
+            "text_encoder": args.text_encoder}
+    return ckpt if best else dict(ckpt, rng=rng_states(run.device), pgc_store=run.pgc_store.cpu(),
+                                  pgc_seen=run.pgc_seen.cpu())
 
 
 def save_last(run, epoch, *state):
     """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run.pending, run.kept)
+    check_finite_loss(run)
     ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
@@ -932,18 +850,36 @@ def save_last(run, epoch, *state):
         dist.barrier()
 
 
+def resume(args, run, optimizer, ckpt):
+    """Go on from last.pt as if never stopped (the caller built the model from it)."""
+    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
+                        ("world_size", run.world_size)):  # they fix which pairs each step holds
+        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
+                            f"{value}; resume with the same")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    run.pgc_store.copy_(ckpt["pgc_store"]), run.pgc_seen.copy_(ckpt["pgc_seen"]), run.labels.copy_(ckpt["pgc_labels"])
+    torch.set_rng_state(ckpt["rng"][run.rank][0])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
+    run.step, run.epoch, run.best_rsum, run.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
+    run.kept = f"{run.last} keeps step {run.step}"
+    if run.rank == 0:
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
+
 # --- Training (Sec. 4.2) -----------------------------------------------------------------------------
 
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
+    """CODER with the pretrained text model, the concepts (picked from the training captions, or CVSE's
+    with --concept-file), their vectors X and graph A_hat; returns it, its constructor arguments, the words."""
     concepts, X, A_hat = [], None, None
     if args.concepts and args.concept_file:  # CVSE's concepts, GloVe vectors and co-occurrence counts
         concepts, X, counts, nums = load_concept_file(args.concept_file)
-        A_hat = torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight))
     elif args.concepts:
         concepts = concept_vocabulary(train_captions, args.n_concepts)
         counts, nums = cooccurrence(train_captions, concepts)
-        A_hat = torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight))
-        X = concept_inputs(concepts, tokenizer, text_model.get_input_embeddings().weight, args.glove)
+        X = concept_inputs(concepts, tokenizer, text_model.get_input_embeddings().weight)
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
@@ -952,57 +888,44 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     model.text_encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:
         model.concepts.X.copy_(X)
-        model.concepts.A_hat.copy_(A_hat)
+        model.concepts.A_hat.copy_(torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight)))
     model.reset_momentum()
     return model, model_args, concepts
 
 
-def freeze_lower_text_layers(text_encoder, n_layers):
-    if n_layers <= 0:
-        return
-    bert = text_encoder.bert
-    bert.embeddings.requires_grad_(False)
-    for layer in bert.encoder.layer[:n_layers]:
-        layer.requires_grad_(False)
-
-
-def make_optimizer(model, args):
-    text = [p for p in model.text_encoder.bert.parameters() if p.requires_grad]
-    text_ids = {id(p) for p in text}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]
-    return torch.optim.Adam([{"params": rest, "lr": args.lr, "scale": 1.0},
-                             {"params": text, "lr": args.lr * args.text_lr_scale, "scale": args.text_lr_scale}])
-
-
-def set_lr(optimizer, args, epoch):
-    lr = args.lr * (0.1 if epoch >= args.lr_update else 1.0)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["scale"]
-
-
-def model_from_checkpoint(ckpt):
+def model_from_checkpoint(ckpt, features=None, split=""):
     try:
         model = CODER(**ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"the checkpoint does not hold a CODER model of this script ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:100]})")
+    if features is not None and features.shape[2] != ckpt["model_args"]["feat_dim"]:
+        raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
+                        f"{features.shape[2]}-d; use the dataset the model was trained on")
     return model
 
 
-def check_features(features, model_args, split):
-    if features.shape[2] != model_args["feat_dim"]:
-        raise DataError(f"the checkpoint expects {model_args['feat_dim']}-d region features but {split} has "
-                        f"{features.shape[2]}-d; use the dataset the model was trained on")
+def make_optimizer(model, args):
+    """Adam; the pretrained text encoder at --text-lr-scale times the rate (as VSE-infinity)."""
+    bert = model.text_encoder.bert
+    text = {id(p) for p in bert.parameters()}
+    groups = ([p for p in model.parameters() if p.requires_grad and id(p) not in text],
+              [p for p in bert.parameters() if p.requires_grad])
+    return torch.optim.Adam([{"params": groups[0], "lr": args.lr, "scale": 1.0},
+                             {"params": groups[1], "lr": args.lr * args.text_lr_scale, "scale": args.text_lr_scale}])
 
 
-def optimizer_step(model, optimizer, scaler, loss, grad_clip):
+def set_lr(optimizer, args, epoch):
+    for group in optimizer.param_groups:  # the paper: 2e-4, then 2e-5 from --lr-update on
+        group["lr"] = args.lr * group["scale"] * (0.1 if epoch >= args.lr_update else 1.0)
+
+
+def optimizer_step(model, optimizer, loss, grad_clip):
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer.step()
 
 
 @torch.no_grad()
@@ -1030,9 +953,9 @@ def cluster_for_pgc(run, k, iters, seed):
 
 
 def pair_batches(pairs, args, epoch, run):
-    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch:
-    one shuffled order, the same on every rank (it depends on seed and epoch only); the last partial batch
-    is dropped. A progress bar in pairs/s."""
+    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch,
+    in one shuffled order, the same on every rank (it depends on seed and epoch only); the last partial
+    batch is dropped. A progress bar in pairs/s."""
     order = pairs[np.random.default_rng([args.seed, epoch]).permutation(len(pairs))]
     global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
     run.bar = tqdm(total=run.steps_per_epoch * global_batch, unit="pair", unit_scale=True, mininterval=2,
@@ -1046,13 +969,12 @@ def pair_batches(pairs, args, epoch, run):
 
 
 def after_step(run, terms, args, epoch, state):
-    """Bookkeeping after a step: the loss terms kept for the next look, progress, last.pt every
-    --save-every steps."""
+    """The loss terms kept for the next look, progress, last.pt every --save-every steps."""
     now = time.perf_counter()
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + args.batch_size * run.world_size
     run.pending.append((run.step, list(terms), torch.stack([t.detach().float() for t in terms.values()])))
     if run.step % 10 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run.pending, run.kept)
+        check_finite_loss(run)
         run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
     if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
@@ -1060,8 +982,8 @@ def after_step(run, terms, args, epoch, state):
 
 def end_of_epoch(run, epoch, dev, state):
     """PGC's online clustering (Sec. 3.4), dev rsum, best.pt, then last.pt."""
-    model, _, _, args = state
-    check_finite_loss(run.pending, run.kept)  # never cluster, validate or save what non-finite values made
+    model, _, args = state
+    check_finite_loss(run)  # never cluster, validate or save what non-finite values made
     if model.prototypes is not None:
         cluster_for_pgc(run, model.prototypes.out_features, args.kmeans_iters, args.seed + epoch)
     if run.rank == 0:
@@ -1072,7 +994,7 @@ def end_of_epoch(run, epoch, dev, state):
         if model.concepts is not None:
             print("  " + format_concept_usage(concept_usage(model, *dev, run.device, args.eval_batch_size)))
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
-            save_checkpoint(checkpoint(run, *state, epoch + 1, with_store=False), run.best)
+            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
     save_last(run, epoch + 1, *state)
 
 
@@ -1081,8 +1003,8 @@ def prepare(args, root, rank, world_size, device):
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
     features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
-    dev_feats, dev_tokens, _ = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)
-    finite_images(dev_feats, "dev")
+    dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (tokenizer.pad_token_id,)
+    finite_images(dev[0], "dev")
     pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
     pairs = pairs[np.isin(pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
     run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
@@ -1091,26 +1013,26 @@ def prepare(args, root, rank, world_size, device):
                           steps_per_epoch=len(pairs) // (args.batch_size * world_size))
     ckpt = load_checkpoint(run.last) if args.resume else None
     if ckpt:
-        model, run.model_args, run.concepts = model_from_checkpoint(ckpt), ckpt["model_args"], ckpt["concepts"]
-        check_features(features, run.model_args, "train")
+        model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
         model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
-    freeze_lower_text_layers(model.text_encoder, args.freeze_text_layers)
+    if args.freeze_text_layers:  # the embeddings and the lower layers of the transformer stay fixed
+        bert = model.text_encoder.bert
+        for module in [bert.embeddings, *bert.encoder.layer[:args.freeze_text_layers]]:
+            module.requires_grad_(False)
     model.to(device)
     net = model  # what computes the queries: the model, or its DDP wrapper that averages gradients over ranks
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # different dropout on every rank
         net = wrap_ddp(model, device)
     optimizer = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     n_stored = len(tokens) if model.prototypes is not None else 0
     run.pgc_store = torch.zeros(n_stored, args.embed_size, device=device, dtype=torch.float16)
     run.pgc_seen = torch.zeros(n_stored, dtype=torch.bool, device=device)
     run.labels = torch.full((len(tokens),), -1, dtype=torch.long, device=device)
     if ckpt:
-        resume(args, run, model, optimizer, scaler, ckpt)
-    return run, model, net, optimizer, scaler, (features, tokens, tokenizer.pad_token_id), \
-        (dev_feats, dev_tokens, tokenizer.pad_token_id), pairs
+        resume(args, run, optimizer, ckpt)
+    return run, model, net, optimizer, (features, tokens, tokenizer.pad_token_id), dev, pairs
 
 
 def train(args, root):
@@ -1119,24 +1041,22 @@ def train(args, root):
     batch: in-batch negatives and diversity are per rank, as in one process; momentum keys and PGC
     embeddings are gathered from all ranks; rank 0 alone clusters, validates, prints and saves."""
     rank, world_size, device = setup_ddp()
-    run, model, net, optimizer, scaler, (features, tokens, pad_id), dev, pairs = prepare(args, root, rank, world_size,
-                                                                                          device)
-    state, epoch = (model, optimizer, scaler, args), run.epoch
+    run, model, net, optimizer, (features, tokens, pad_id), dev, pairs = prepare(args, root, rank, world_size, device)
+    state, epoch = (model, optimizer, args), run.epoch
     try:
         for epoch in range(run.epoch, args.epochs):
             model.train()
             set_lr(optimizer, args, epoch)
             for idx in pair_batches(pairs, args, epoch, run):  # this rank's pairs; sharded, resumable
-                image_ids = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device)
                 regions, (ids, mask) = image_batch(features, idx // CAPS_PER_IMAGE, device), text_batch(tokens, idx, pad_id, device)
-                caption_idx = torch.from_numpy(idx).to(device)
+                image_ids, caption_idx = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device), torch.from_numpy(idx).to(device)
                 with autocast(device):
                     v_I, w_I, v_C, w_C = net(regions, ids, mask)  # queries: Eq. 1 and 2
                     keys = momentum_keys(model, regions, ids, mask, args.momentum) if model.bank_size else None
                     bank = with_queues(model, keys, image_ids) if keys is not None else None
                     loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, run.labels[caption_idx], args, bank,
                                              model.prototypes)  # Eq. 8
-                optimizer_step(model, optimizer, scaler, loss, args.grad_clip)
+                optimizer_step(model, optimizer, loss, args.grad_clip)
                 remember_batch(run, model, caption_idx, keys, (v_I + w_I).detach())  # enqueue; store for PGC
                 run.step += 1
                 after_step(run, terms, args, epoch, state)  # progress, non-finite check, last.pt
@@ -1155,19 +1075,19 @@ def train(args, root):
 # --- Main ---------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(path, args, device, root):
+    """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).to(device)
     tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
         features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
-        check_features(features, ckpt["model_args"], split)
+        model = model_from_checkpoint(ckpt, features, split).to(device)
         finite_images(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
                                     args.eval_batch_size)))
-    mix = f", beta {beta}" if model.concepts is not None else ""
-    print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}{mix})")
+    print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
+          (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
     print_table(rows)
     ceiling = toy_ceiling(root, "test")
     if ceiling:
@@ -1175,21 +1095,6 @@ def evaluate_checkpoint(path, args, device, root):
               f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
               + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
     return rows
-
-
-def describe(args, world_size, device):
-    """The configuration a run trains with, in one line."""
-    loss = {"triplet": f"VSE++ hinge (margin {args.margin:g})", "infonce": f"InfoNCE (mu {args.mu:g})"}.get(
-        args.loss, f"{args.loss} (Eq. {4 if args.loss == 'dcl-i' else 5}, positive {args.dcl_positive}, mu {args.mu:g}, "
-                   f"gamma {args.gamma:g})")
-    banks = f"banks of {args.bank_size}" + ("" if args.mdcl else " without M-DCL") if args.bank else "no banks"
-    concepts = (f"{args.n_concepts} concepts (lambda {args.concept_lambda:g})" + (f", PGC {args.n_prototypes}"
-                if args.pgc else ", no PGC")) if args.concepts else "no concepts"
-    return (f"CODER: {loss}, lambda {args.lambda_inst:g}, {banks}, {concepts}, F {args.embed_size}, batch {args.batch_size}"
-            f" x {world_size} process(es), lr {args.lr:g} (" + (f"/10 from epoch {args.lr_update + 1}" if args.lr_update <
-            args.epochs else "no drop") + f"), {args.epochs} epochs, "
-            f"text encoder {Path(args.text_encoder).name} ({args.freeze_text_layers} layers frozen), seed {args.seed}, "
-            f"device {device}; checkpoints in {args.out_dir}/")
 
 
 def main(argv=None):
@@ -1210,7 +1115,8 @@ def main(argv=None):
     for _, split, _ in test_splits(args.dataset):  # up front: a run never ends in a table computed from NaN
         finite_images(load_split(root, split)[0], split)
     if rank == 0:
-        print(describe(args, world_size, device))
+        print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
+            f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
     start = time.perf_counter()
     best = train(args, root)[2]
     if rank != 0:  # the test evaluation runs once, on rank 0

@@ -136,13 +136,10 @@ def test_dcl_loss_is_stable_for_confident_similarities():
     assert torch.isfinite(cr.dcl_loss(S, mu=0.01, gamma=0.3, div=torch.tensor([0.5, 1.0])))
 
 
-def test_triplet_and_infonce_match_numpy_loops(sim):
+def test_triplet_matches_numpy_loop(sim):
     square = sim[:, :6]
     hinge = sum(max(0, 0.2 + max(square[n, q] for q in range(6) if q != n) - square[n, n]) for n in range(6))
     assert cr.triplet_loss(torch.tensor(square), 0.2).item() == pytest.approx(hinge)
-    nce = np.mean([-square[n, n] / 0.1 + math.log(sum(math.exp(square[n, q] / 0.1) for q in range(6)))
-                   for n in range(6)])
-    assert cr.infonce_loss(torch.tensor(square), 0.1).item() == pytest.approx(nce, rel=1e-6)
 
 
 # --- SCAN protocol ---
@@ -257,18 +254,13 @@ def test_adjacency_on_hand_made_table():
     assert got[1, 0] > 0 and got[2, 1] == 0 and got[1, 2] > 0
 
 
-def test_concept_inputs_from_glove_file_or_mean_of_word_pieces(tmp_path):
+def test_concept_inputs_are_the_mean_of_word_pieces():
     from transformers import AutoTokenizer
-    (tmp_path / "glove.txt").write_text("dog 1 2 3\ncat 4 5 6\nthe 0 0 0\n")
-    X = cr.concept_inputs(["cat", "dog"], None, None, str(tmp_path / "glove.txt"))
-    assert X.tolist() == [[4, 5, 6], [1, 2, 3]]
     tokenizer = AutoTokenizer.from_pretrained(cr.default_text_encoder(), local_files_only=True)  # on disk
     E = torch.randn(tokenizer.vocab_size, 3)
     X = cr.concept_inputs(["frisbee", "dog"], tokenizer, E)
     pieces = [tokenizer.convert_tokens_to_ids(p) for p in ("fr", "##is", "##bee")]
     assert torch.allclose(X, torch.stack([E[pieces].mean(0), E[tokenizer.convert_tokens_to_ids("dog")]]))
-    with pytest.raises(DataError):
-        cr.concept_inputs(["dog"], None, None, str(tmp_path / "none.txt"))
 
 
 def test_cvse_concept_files_convert_safely_and_load(tmp_path):
@@ -427,10 +419,10 @@ class LookupEncoders(nn.Module):
         super().__init__()
         self.table = nn.Parameter(captions, requires_grad=False)
 
-    def encode_images(self, regions):
+    def encode_images(self, regions, attention=False):
         return regions[:, 0], None
 
-    def encode_texts(self, ids, mask):
+    def encode_texts(self, ids, mask, attention=False):
         assert mask.all()
         return self.table[ids[:, 0]], None
 
