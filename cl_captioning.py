@@ -39,14 +39,10 @@ from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_imag
                     prepare_data, tokenize)
 
 # --- Configuration ------------------------------------------------------------------------------------
-# Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code
-# (github.com/doubledaibo/clcaption_nips2017). The toy world replaces a few, shown as [toy world: ...].
-
-# The toy world is ~40x smaller than COCO with a 75-word vocabulary: small nets train in minutes, and
-# at the authors' MLE rate 4e-4 they take >12 epochs to start using the image; 2e-3 does it in 3.
-# CL: the paper's rate 1e-6 barely moves such a net in a few epochs. With dropout in the target only,
-# G = ln p_m - ln p_n starts biased below 0 (dropout lowers p_m), the positive term dominates and CL
-# acts like more MLE; without it dev self-retrieval rose more. Both choices were made on the dev split.
+# Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (github.com/doubledaibo/
+# clcaption_nips2017). The toy world (~40x smaller than COCO, 75 words) replaces a few, chosen on its dev
+# split: at the MLE rate 4e-4 small nets take >12 epochs to use the image (2e-3: 3); CL's 1e-6 barely moves
+# them; dropout in the target alone biases G = ln p_m - ln p_n below 0, so CL acts like more MLE.
 TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: one is fastest
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3,
             "retrieval_images": 500, "val_retrieval_images": 300},
@@ -166,11 +162,22 @@ def used_length(captions):
 class Captioner(nn.Module):
     """What both captioners share: p(c|I) and decoding, written once over encode / init_state / step."""
 
+    def __init__(self, vocab_size, feat_dim, rnn_size, emb_size, dropout):
+        super().__init__()
+        self.kwargs = dict(vocab_size=vocab_size, feat_dim=feat_dim, rnn_size=rnn_size, emb_size=emb_size,
+                           dropout=dropout)  # what rebuilds the model from a checkpoint
+        self.register_buffer("feat_mean", torch.zeros(feat_dim))  # set by standardize_features
+        self.register_buffer("feat_std", torch.ones(feat_dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def word_embedding(self, vocab_size, emb_size):
+        embed = nn.Embedding(vocab_size, emb_size)
+        nn.init.uniform_(embed.weight, -0.1, 0.1)  # as NeuralTalk2: N(0, 1) would drown the image
+        return embed
+
     def forward(self, feats, captions, image_index=None):
-        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the
-        authors' code).
-        With image_index, caption i is scored against image image_index[i]: each image is encoded once
-        and shared by all its captions (and negatives)."""
+        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the authors'
+        code). Caption i is scored against image image_index[i]: each image is encoded once for all its captions."""
         return self.log_prob_encoded(self.encode(feats), captions, image_index)
 
     def log_prob(self, feats, captions):
@@ -250,16 +257,10 @@ class ShowTell(Captioner):
     kind = "showtell"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
-        super().__init__()
-        self.kwargs = dict(vocab_size=vocab_size, feat_dim=feat_dim, rnn_size=rnn_size, emb_size=emb_size,
-                           dropout=dropout)
-        self.register_buffer("feat_mean", torch.zeros(feat_dim))  # set by standardize_features
-        self.register_buffer("feat_std", torch.ones(feat_dim))
+        super().__init__(vocab_size, feat_dim, rnn_size, emb_size, dropout)
         self.image_embed = nn.Linear(feat_dim, emb_size)
-        self.word_embed = nn.Embedding(vocab_size, emb_size)
-        nn.init.uniform_(self.word_embed.weight, -0.1, 0.1)  # as NeuralTalk2: N(0, 1) would drown the image
+        self.word_embed = self.word_embedding(vocab_size, emb_size)  # modules in this order: the RNG draws them so
         self.lstm = nn.LSTM(emb_size, rnn_size, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(rnn_size, vocab_size)
 
     def encode(self, feats):
@@ -287,15 +288,10 @@ class AdaptiveAttention(Captioner):
     kind = "adaatt"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
-        super().__init__()
-        self.kwargs = dict(vocab_size=vocab_size, feat_dim=feat_dim, rnn_size=rnn_size, emb_size=emb_size,
-                           dropout=dropout)
-        self.register_buffer("feat_mean", torch.zeros(feat_dim))  # set by standardize_features
-        self.register_buffer("feat_std", torch.ones(feat_dim))
+        super().__init__(vocab_size, feat_dim, rnn_size, emb_size, dropout)
         self.region_embed = nn.Sequential(nn.Linear(feat_dim, rnn_size), nn.ReLU())   # V = [v_1 .. v_k]
         self.global_embed = nn.Sequential(nn.Linear(feat_dim, emb_size), nn.ReLU())   # v^g
-        self.word_embed = nn.Embedding(vocab_size, emb_size)
-        nn.init.uniform_(self.word_embed.weight, -0.1, 0.1)
+        self.word_embed = self.word_embedding(vocab_size, emb_size)
         self.lstm = nn.LSTMCell(2 * emb_size, rnn_size)
         self.W_x = nn.Linear(2 * emb_size, rnn_size)
         self.W_h = nn.Linear(rnn_size, rnn_size, bias=False)
@@ -303,7 +299,6 @@ class AdaptiveAttention(Captioner):
         self.W_g = nn.Linear(rnn_size, rnn_size, bias=False)
         self.W_s = nn.Linear(rnn_size, rnn_size, bias=False)
         self.w_h = nn.Linear(rnn_size, 1, bias=False)
-        self.dropout = nn.Dropout(dropout)
         self.W_p = nn.Linear(rnn_size, vocab_size)
 
     def encode(self, feats):
@@ -471,23 +466,21 @@ def coco_results(candidates, image_ids):
 
 
 def results_path(checkpoint_path, split):
-    """Where --eval and a run's final evaluation write the captions: next to the checkpoint."""
-    checkpoint_path = Path(checkpoint_path)
-    return checkpoint_path.with_name(f"captions_{split}_{checkpoint_path.stem}_results.json")
+    """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
+    return Path(checkpoint_path).with_name(f"captions_{split}_{Path(checkpoint_path).stem}_results.json")
 
 
 def ptb_available():
     return shutil.which("java") is not None
 
 
-@functools.lru_cache(maxsize=None)
-def warn_no_java():
-    print("warning: java not found: scores use [a-z]+ tokens, not the PTB tokenizer (not COCO-official), "
-          "and METEOR is skipped", file=sys.stderr)
-
-
 def scores_note():
     return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
+
+
+@functools.lru_cache(maxsize=None)
+def warn_no_java():
+    print(f"warning: {scores_note()}: scores use [a-z]+ tokens (not COCO-official), without METEOR", file=sys.stderr)
 
 
 @functools.lru_cache(maxsize=None)
