@@ -61,8 +61,13 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return text + (f" [toy world: {', '.join(toy)}]" if toy else "")
 
 
+def refuse(message):
+    raise DataError(f"{message}; see --help")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    p.error = refuse  # argparse's own errors end in one line too
     add = p.add_argument
     add("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -123,14 +128,19 @@ def parse_args(argv=None):
         args.epochs = 10 if args.stage == "cl" else 30
     if args.lr is None:
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
-    for name, low in dict(batch_images=1, K=1, epochs=0, max_steps=0, save_every=0, rnn_size=1, emb_size=1,
-                          max_words=1, min_count=1, beam_size=1, val_images=0, val_retrieval_images=0,
-                          retrieval_images=0, pairs_per_forward=1, replace_ref_every=0, threads=0).items():
-        if getattr(args, name) < low:
-            raise DataError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name, (low, high) in dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12),
+                                  save_every=(0, 10**12), rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4),
+                                  min_count=(1, 10**9), beam_size=(1, 10**3), val_images=(1, 10**9),
+                                  val_retrieval_images=(0, 10**9), retrieval_images=(0, 10**9),
+                                  pairs_per_forward=(1, 10**9), replace_ref_every=(0, 10**6), threads=(0, 1024),
+                                  examples=(0, 10**9), seed=(0, 2**32 - 1)).items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
+                            f"got {value}")
     for name in ("lr", "nu", "grad_clip"):
-        if not getattr(args, name) > 0:
-            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < math.inf:
+            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
     for name in ("dropout", "target_dropout", "beta1"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -352,19 +362,24 @@ def captioner_record(model):
 
 
 def load_captioner(path, vocab, feat_dim, device, dataset):
+    """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "vocab" not in ckpt:
+    record = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"), dict)
+            and isinstance(record.get("state"), dict) and isinstance(ckpt.get("vocab"), list)):
         raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
-    record = ckpt["model"]
-    if record["kwargs"]["feat_dim"] != feat_dim:
+    if record["kwargs"].get("feat_dim") != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
     saved_vocab = Vocab(ckpt["vocab"])
     if saved_vocab != vocab:
         raise DataError(f"{path} was trained with a {len(saved_vocab)}-word vocabulary, but the {dataset} train "
                         f"split gives {len(vocab)} words; use a checkpoint trained on this dataset")
-    model = CAPTIONERS[record["kind"]](**record["kwargs"])
-    model.load_state_dict(record["state"])
+    try:
+        model = CAPTIONERS[record["kind"]](**record["kwargs"])
+        model.load_state_dict(record["state"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
     return model.to(device), ckpt
 
 
@@ -642,8 +657,45 @@ def save_checkpoint(ckpt, path):
         os.close(folder)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free some space or pass "
-                        f"another --out-dir")
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
+                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+
+
+def nbytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
+
+
+def lock(out_dir):
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
+    returns what releases it."""
+    path = Path(out_dir) / ".lock"
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                if pid != os.getpid():
+                    os.kill(pid, 0)  # no error: that process is alive
+                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)
+    return lambda: path.unlink(missing_ok=True)
+
+
+def require_memory(nbytes_needed, what, device):
+    """A size that cannot fit is refused before anything is allocated."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if nbytes_needed > total:
+        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                        f"of {device.type}")
 
 
 def load_checkpoint(path):
@@ -704,7 +756,10 @@ def save_last(run, epoch, *state):
 
 def resume(args, run, target, reference, optimizer):
     """Go on from last.pt of --out-dir as if never stopped."""
-    ckpt = load_checkpoint(run.last)
+    ckpt, need = load_checkpoint(run.last), dict(model=dict, args=dict, stage=str, step=int, epoch=int, best_score=float,
+                                                 optimizer=dict, rng=list, world_size=int)
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()):
+        raise DataError(f"{run.last} is not a last.pt written by cl_captioning.py; pass another --out-dir")
     if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
         raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
                         f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
@@ -935,9 +990,17 @@ def main(argv=None):
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
     test = load_split(root, captioning_test_split(args.dataset))
     finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
+    words = (args.max_words + 1) * len(vocab) * 4  # bytes of one caption's word log-probs
+    require_memory(words * (1 + args.K * (args.stage == "cl")) * CAPS_PER_IMAGE * args.batch_images, f"a step's word "
+                   f"log-probs ({args.batch_images} images x 5 captions x {1 + args.K * (args.stage == 'cl')})", device)
+    require_memory(words * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
     if args.eval:
         return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
     dev = load_split(root, "dev")
+    for split, features in (("dev", dev[0]), (captioning_test_split(args.dataset), test[0])):
+        if features.shape[2] != train_features.shape[2]:
+            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
+                            f"{train_features.shape[2]}; every split of --data-root must come from one detector")
     finite_images(dev[0][:args.val_images], "dev")
     keep = finite_images(train_features, "train", args.skip_nonfinite)
     target, reference = captioners(args, vocab, train_features, device)
@@ -948,13 +1011,17 @@ def main(argv=None):
         (out_dir / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    release = lock(out_dir) if rank == 0 else (lambda: None)
     if rank == 0:
         print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
               f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
               f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
               f"; checkpoints in {out_dir}/")
-    best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
-                      dev, vocab, out_dir, keep)
+    try:
+        best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
+                          dev, vocab, out_dir, keep)
+    finally:
+        release()
     return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
 

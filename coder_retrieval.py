@@ -79,8 +79,13 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
 
 
+def refuse(message):
+    raise DataError(f"{message}; see --help")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    p.error = refuse  # argparse's own errors end in one line too
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -155,21 +160,29 @@ def parse_args(argv=None):
     args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
     if args.beta is None and not args.eval:
         args.beta = 0.9
-    for name, low in dict(batch_size=2, embed_size=2, epochs=0, lr_update=0, max_len=3, val_images=1, eval_batch_size=1,
-                          save_every=0, kmeans_iters=0, freeze_text_layers=0, threads=0,
-                          n_concepts=int(args.concepts), n_prototypes=int(args.pgc)).items():
-        if getattr(args, name) < low:
-            raise DataError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    for name in ("lr", "mu", "eps"):
-        if not getattr(args, name) > 0:
-            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name, (low, high) in dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6),
+                                  max_len=(3, 10**5), val_images=(1, 10**9), eval_batch_size=(1, 10**6),
+                                  save_every=(0, 10**12), kmeans_iters=(0, 10**4), freeze_text_layers=(0, 10**3),
+                                  threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
+                                  n_concepts=(int(args.concepts), 10**6), n_prototypes=(int(args.pgc), 10**9)).items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
+                            f"got {value}")
+    for name in ("lr", "mu", "eps", "grad_clip", "concept_lambda"):
+        if not 0 < getattr(args, name) < math.inf:
+            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    for name in ("text_lr_scale", "margin", "lambda_inst", "gamma"):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 0 and finite, got {getattr(args, name)}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.bank and args.bank_size < args.batch_size * world_size:
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
                         f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
                         f"at least one batch (or pass --no-bank)")
-    if not 0 <= args.momentum <= 1 or args.beta is not None and not 0 <= args.beta <= 1:
-        raise DataError(f"--momentum and --beta must lie in [0, 1], got {args.momentum} and {args.beta}")
+    for name in ("momentum", "beta", "adj_threshold", "adj_reweight"):
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
+            raise DataError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     return args
 
 
@@ -309,10 +322,10 @@ def load_concept_file(path):
     try:
         z = np.load(path, allow_pickle=False)
         words, X, counts, nums = [str(w) for w in z["words"]], z["glove"], z["cooccurrence"], z["counts"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
         raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
     g = len(words)
-    if X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
+    if g == 0 or X.ndim != 2 or X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
         raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
     counts = counts.astype(np.float64)
     np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
@@ -341,9 +354,14 @@ def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
                 return NumpyOnlyUnpickler(f, encoding="latin1").load()
             except (pickle.UnpicklingError, EOFError) as e:
                 raise DataError(f"{path}: {e}")
-    index = json.loads(Path(category_json).read_text(encoding="utf-8"))
-    words = sorted(index, key=index.get)
+    try:
+        index = json.loads(Path(category_json).read_text(encoding="utf-8"))
+        words = sorted(index, key=lambda w: int(index[w]))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{category_json} is not CVSE's category_concepts.json, a {{word: index}} object ({e})")
     adj = unpickle(adj_pkl)
+    if not isinstance(adj, dict) or "nums" not in adj or not ("adj_all" in adj or "adj" in adj):
+        raise DataError(f"{adj_pkl} is not CVSE's adjacency pickle, a dict with 'adj_all' (or 'adj') and 'nums'")
     counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
     np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
              cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
@@ -690,7 +708,7 @@ def similarity(emb, beta):
 def recall_at_k(sims):
     """SCAN protocol on an (N images, 5N captions) similarity matrix. i2t: rank of an image = best
     position among its captions 5i..5i+4; t2i: ground truth of caption j is image j // 5. Ties count
-    against the query (a tied negative ranks first), so a constant model scores ~0, not 100."""
+    against the query (a tied negative ranks first), so a constant model scores ~0, not 100; NaN is a miss."""
     sims = torch.as_tensor(sims, dtype=torch.float32)
     n = sims.shape[0]
     if sims.shape[1] != CAPS_PER_IMAGE * n:
@@ -699,8 +717,9 @@ def recall_at_k(sims):
     is_gt = own[None, :] == torch.arange(n, device=sims.device)[:, None]
     best_gt = sims.masked_fill(~is_gt, float("-inf")).max(1).values
     gt_sim = sims[own, torch.arange(CAPS_PER_IMAGE * n, device=sims.device)]
-    ranks = {"i2t": ((sims >= best_gt[:, None]) & ~is_gt).sum(1).cpu().numpy(),
-             "t2i": ((sims >= gt_sim[None, :]) & ~is_gt).sum(0).cpu().numpy()}
+    # ~(x < own): x >= own, or either is NaN: a NaN similarity is a miss, never a hit
+    ranks = {"i2t": (~(sims < best_gt[:, None]) & ~is_gt).sum(1).cpu().numpy(),
+             "t2i": (~(sims < gt_sim[None, :]) & ~is_gt).sum(0).cpu().numpy()}
     out = {f"{d}_r{k}": 100.0 * np.mean(ranks[d] < k) for d in ranks for k in (1, 5, 10)}
     out.update({f"{d}_medr": float(np.floor(np.median(ranks[d])) + 1) for d in ranks})
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ranks for k in (1, 5, 10))
@@ -783,8 +802,45 @@ def save_checkpoint(ckpt, path):
         os.close(folder)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free some space or pass "
-                        f"another --out-dir")
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
+                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+
+
+def nbytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
+
+
+def lock(out_dir):
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
+    returns what releases it."""
+    path = Path(out_dir) / ".lock"
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                if pid != os.getpid():
+                    os.kill(pid, 0)  # no error: that process is alive
+                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)
+    return lambda: path.unlink(missing_ok=True)
+
+
+def require_memory(nbytes_needed, what, device):
+    """A size that cannot fit is refused before anything is allocated."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if nbytes_needed > total:
+        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                        f"of {device.type}")
 
 
 def load_checkpoint(path):
@@ -853,7 +909,7 @@ def save_last(run, epoch, *state):
 def resume(args, run, optimizer, ckpt):
     """Go on from last.pt as if never stopped (the caller built the model from it)."""
     for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
-                        ("world_size", run.world_size)):  # they fix which pairs each step holds
+                        ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
         if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
             raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
                             f"{value}; resume with the same")
@@ -893,11 +949,23 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     return model, model_args, concepts
 
 
+def checked(ckpt, path, for_resume=False):
+    """The checkpoint's structure, checked once where it is loaded."""
+    need = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
+    if for_resume:
+        need.update(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
+                    pgc_store=torch.Tensor, pgc_seen=torch.Tensor)
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or \
+            not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys():
+        raise DataError(f"{path} is not a {'last.pt' if for_resume else 'checkpoint'} written by coder_retrieval.py")
+    return ckpt
+
+
 def model_from_checkpoint(ckpt, features=None, split=""):
     try:
         model = CODER(**ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         raise DataError(f"the checkpoint does not hold a CODER model of this script ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:100]})")
     if features is not None and features.shape[2] != ckpt["model_args"]["feat_dim"]:
@@ -1002,8 +1070,14 @@ def prepare(args, root, rank, world_size, device):
     """Data, the model (new, or from last.pt with --resume), its optimizer, and the run's state."""
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
+    positions = getattr(text_model.config, "max_position_embeddings", args.max_len)
+    if args.max_len > positions:
+        raise DataError(f"--max-len {args.max_len} is longer than the {positions} positions of the text encoder")
     features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
     dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (tokenizer.pad_token_id,)
+    if dev[0].shape[2] != features.shape[2]:
+        raise DataError(f"dev region features are {dev[0].shape[2]}-dimensional, train's {features.shape[2]}; every "
+                        f"split of --data-root must come from one detector")
     finite_images(dev[0], "dev")
     pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
     pairs = pairs[np.isin(pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
@@ -1011,7 +1085,13 @@ def prepare(args, root, rank, world_size, device):
                           centroids=None, pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}",
                           last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt",
                           steps_per_epoch=len(pairs) // (args.batch_size * world_size))
-    ckpt = load_checkpoint(run.last) if args.resume else None
+    if run.steps_per_epoch == 0:
+        raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(pairs)} "
+                        f"training pairs; lower --batch-size")
+    ckpt = checked(load_checkpoint(run.last), run.last, for_resume=True) if args.resume else None
+    if ckpt and len(ckpt["pgc_labels"]) != len(tokens):
+        raise DataError(f"{run.last} was trained on {len(ckpt['pgc_labels'])} training pairs, this train split has "
+                        f"{len(tokens)}; resume with the data of that run")
     if ckpt:
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
@@ -1027,7 +1107,7 @@ def prepare(args, root, rank, world_size, device):
         net = wrap_ddp(model, device)
     optimizer = make_optimizer(model, args)
     n_stored = len(tokens) if model.prototypes is not None else 0
-    run.pgc_store = torch.zeros(n_stored, args.embed_size, device=device, dtype=torch.float16)
+    run.pgc_store = torch.zeros(n_stored, run.model_args["embed_size"], device=device, dtype=torch.float16)
     run.pgc_seen = torch.zeros(n_stored, dtype=torch.bool, device=device)
     run.labels = torch.full((len(tokens),), -1, dtype=torch.long, device=device)
     if ckpt:
@@ -1076,7 +1156,7 @@ def train(args, root):
 
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
-    ckpt = load_checkpoint(path)
+    ckpt = checked(load_checkpoint(path), path)
     tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
@@ -1112,13 +1192,24 @@ def main(argv=None):
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {args.out_dir} ({e.strerror or e}); pass --out-dir with a "
                         f"writable folder")
+    require_memory(4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc),
+                   f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes", device)
+    train_dim = load_split(root, "train")[0].shape[2]
     for _, split, _ in test_splits(args.dataset):  # up front: a run never ends in a table computed from NaN
-        finite_images(load_split(root, split)[0], split)
+        features = load_split(root, split)[0]
+        if features.shape[2] != train_dim:
+            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
+                            f"split of --data-root must come from one detector")
+        finite_images(features, split)
+    release = lock(args.out_dir) if rank == 0 else (lambda: None)
     if rank == 0:
         print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
             f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
     start = time.perf_counter()
-    best = train(args, root)[2]
+    try:
+        best = train(args, root)[2]
+    finally:
+        release()
     if rank != 0:  # the test evaluation runs once, on rank 0
         return None
     print(f"wall time {time.perf_counter() - start:.0f}s")

@@ -85,9 +85,9 @@ def load_split(root, split):
             raise DataError(f"{path} not found; {WHERE_DATA_COMES_FROM}")
     try:
         features = np.load(ims_path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise DataError(f"{ims_path} is not a readable .npy file ({e})")
-    if features.ndim != 3 or features.dtype.kind != "f":
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{ims_path} is not a readable .npy file ({e or 'empty'})")
+    if features.ndim != 3 or features.dtype.kind != "f" or 0 in features.shape:
         raise DataError(f"{ims_path} must hold float region features shaped (images, regions, dim), "
                         f"got {features.dtype} {features.shape}")
     captions = read_captions(caps_path)
@@ -121,7 +121,8 @@ def nonfinite_images(features, chunk=64):
     compute in: one sequential pass over the memory map, `chunk` images at a time."""
     bad = [np.zeros(0, dtype=np.int64)]
     for start in range(0, len(features), chunk):
-        block = np.asarray(features[start:start + chunk], dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 value past float32's range becomes inf: that is the point
+            block = np.asarray(features[start:start + chunk], dtype=np.float32)
         bad.append(start + np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(1)))
     return np.concatenate(bad)
 
@@ -168,7 +169,11 @@ def prepare_data(dataset, data_root=None):
     if dataset == "toy" and not root.exists():
         print(f"building the toy world in {root} ...")
         building = root.with_name(f"{root.name}.building-{os.getpid()}")
-        make_toy_world(building)
+        try:
+            make_toy_world(building)
+        except OSError as e:
+            raise DataError(f"cannot build the toy world in {root} ({e.strerror or e}); pass --data-root with a "
+                            f"writable folder")
         try:  # build aside, then rename: two scripts started at once never see half a world
             os.rename(building, root)
         except OSError:
@@ -349,5 +354,5 @@ def toy_ceiling(root, split):
         return None
     try:
         return oracle_recall(json.loads(path.read_text()), load_split(root, split)[1])
-    except ValueError:
+    except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError):  # not a toy world's
         return None

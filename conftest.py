@@ -62,3 +62,33 @@ def run_killed(tmp_path):
         assert process.returncode == -9, f"not killed mid-run (target step {target}): {log_path.read_text()[-2000:]}"
         return target, step_of(torch.load(checkpoint, weights_only=True)), log_path.read_text()
     return run
+
+
+# The scripts without java (no PTB tokenizer, no METEOR): where a test is about something else, this saves the
+# seconds a java start costs
+NO_JAVA = dict(os.environ, PATH=os.path.dirname(os.sys.executable))
+
+
+class Hostile:
+    """Unpickling this object runs a shell command (as a downloaded .pt file could): `touch marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def expect_one_error_line():
+    """expect_one_error_line(command, fragment, code=1): the command ends with exit status `code`, its stderr's
+    last line is the only one starting with 'error: ' and holds `fragment`, and no traceback is printed."""
+    def run(command, fragment, code=1, **kwargs):
+        done = subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=300, **kwargs)
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+        assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], done.stderr[-2000:]
+        assert sum(line.startswith("error:") for line in lines) == 1, done.stderr[-2000:]
+        return done
+    return run

@@ -4,7 +4,10 @@ tiny toy world, then the same on 2 processes."""
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 import cl_captioning as cl
+from conftest import NO_JAVA, Hostile
 from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_split, make_toy_world, nonfinite_images,
                     tokenize)
 from cl_captioning import load_checkpoint
@@ -609,7 +613,7 @@ def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
 @pytest.mark.parametrize("flags, message", [
     (["--K", "0"], r"^--K must be at least 1, got 0$"),
     (["--batch-images", "0"], r"^--batch-images must be at least 1, got 0$"),
-    (["--nu", "0"], r"^--nu must be positive, got 0.0$"),
+    (["--nu", "0"], r"^--nu must be positive and finite, got 0.0$"),
     (["--out-dir", "{file}/run"], r"^cannot write checkpoints to .*file/run \(Not a directory\); pass --out-dir with a "
                                   r"writable folder$"),
 ], ids=["K 0", "batch-images 0", "nu 0", "unwritable out-dir"])
@@ -754,6 +758,129 @@ def test_eval_on_coco_scores_testall_and_writes_a_coco_results_file(mle_checkpoi
     assert cl.captioning_test_split("flickr30k") == "test" and cl.captioning_test_split("toy") == "test"
 
 
+# --- Hardening: whatever a user or a file gets wrong ends in one line, never a traceback or a wrong table ---
+
+def refused_in_one_line(main, script, cases, expect):
+    """Each (argv, message fragment) case raises DataError with that message, in-process (fast); the first one
+    also runs as a subprocess, to see a DataError end the script with exit status 1, one `error:` line and no
+    traceback (no-java PATH: the test evaluation's java would only add seconds)."""
+    for argv, fragment in cases:
+        with pytest.raises(DataError, match=re.escape(fragment)):
+            main([str(a) for a in argv])
+    expect([sys.executable, script, *cases[0][0]], cases[0][1], env=NO_JAVA)
+
+
+def test_nonsense_values_are_one_line_errors(world, mle_checkpoint, tmp_path, expect_one_error_line):
+    cl_run = ["--data-root", world, "--out-dir", tmp_path / "run", *TINY]
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", [(cl_run + flags, message) for flags, message in [
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+        (["--grad-clip", "-1"], "--grad-clip must be positive and finite, got -1.0"),
+        (["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--seed", "1e23"], "argument --seed: invalid int value: '1e23'; see --help"),
+        (["--threads", "99999999999"], "--threads must be at most 1024, got 99999999999"),
+        (["--val-images", "0"], "--val-images must be at least 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),  # never an earlier run's checkpoint reported as this one's
+        (["--ref", mle_checkpoint, "--K", "1000000"], "a step's word log-probs (5 images x 5 captions x 1000001) would "
+                                                      "need"),
+        (["--pairs-per-forward", "999999999"], "--pairs-per-forward 999999999 would need"),
+        (["--model", "gpt"], "argument --model: invalid choice: 'gpt'")]], expect_one_error_line)
+
+
+def damaged(world, root, split, damage):
+    shutil.copytree(world, root)
+    damage(root / f"{split}_ims.npy")
+    return root
+
+
+def test_damaged_data_is_a_one_line_error(world, tmp_path, expect_one_error_line):
+    cl_run = ["--out-dir", tmp_path / "run", *TINY, "--data-root"]
+    (tmp_path / "a-file").write_text("")
+    huge = lambda path: np.save(path, np.load(path).astype(np.float64) * np.where(np.arange(60) == 3, 1e300, 1)[:, None, None])
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", [
+        (cl_run + [damaged(world, tmp_path / "empty", "train", lambda path: path.write_bytes(b""))],
+         "train_ims.npy is not a readable .npy file"),
+        (cl_run + [damaged(world, tmp_path / "none", "train", lambda path: np.save(path, np.zeros((0, 4, 16))))],
+         "must hold float region features shaped (images, regions, dim), got float64 (0, 4, 16)"),
+        (cl_run + [damaged(world, tmp_path / "dim", "dev", lambda path: np.save(path, np.load(path)[..., :8]))],
+         "dev region features are 8-dimensional, train's 16"),
+        (cl_run + [damaged(world, tmp_path / "float64", "train", huge)],  # finite in float64, inf in float32
+         "train images 3 hold NaN or inf region features (1 of 60)"),
+        (cl_run + [tmp_path / "a-file" / "toy"], "cannot build the toy world in")], expect_one_error_line)
+
+
+def test_hostile_or_foreign_checkpoints_are_refused_on_every_loading_path(world, mle_checkpoint, tmp_path,
+                                                                         expect_one_error_line):
+    marker, hostile, resumed = tmp_path / "ran", tmp_path / "hostile.pt", tmp_path / "resumed"
+    torch.save({"model": Hostile(marker), "vocab": []}, hostile)
+    resumed.mkdir()
+    shutil.copy(hostile, resumed / "last.pt")
+    foreign = {"dict": {"foo": 1}, "tensor": torch.ones(3), "list": [1, 2],
+               "kind": {"model": {"kind": "gpt", "kwargs": {}, "state": {}}, "vocab": []}}
+    for name, obj in foreign.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    cl_run = ["--data-root", world, *TINY, "--epochs", "1"]
+    unsafe = "is not a checkpoint this script can read safely (UnpicklingError)"
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", [
+        (cl_run + ["--eval", hostile], unsafe), (cl_run + ["--ref", hostile], unsafe),
+        (cl_run + ["--ref", mle_checkpoint, "--init", hostile, "--out-dir", tmp_path / "init"], unsafe),
+        (cl_run + ["--resume", "--out-dir", resumed], unsafe),
+        *[(cl_run + ["--eval", tmp_path / f"{name}.pt"], "is not a checkpoint written by cl_captioning.py")
+          for name in foreign]], expect_one_error_line)
+    assert not marker.exists()  # nothing the files named was run
+    torch.save({"model": {}, "stage": "mle"}, resumed / "last.pt")
+    with pytest.raises(DataError, match="is not a last.pt written by cl_captioning.py"):
+        cl.main([str(a) for a in cl_run + ["--resume", "--out-dir", resumed]])
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    cl.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DataError, match=r"^cannot write .*last\.pt \(\[enforce fail .*\); it needs about 0 MB in "
+                                        r".*; free some space or pass another --out-dir$"):
+        cl.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and {p.name for p in tmp_path.iterdir()} == {"last.pt"}
+
+
+def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_dead_runs_lock_taken_over(world, tmp_path,
+                                                                                      expect_one_error_line):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(str(other.pid))
+        expect_one_error_line([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY,
+                               "--out-dir", tmp_path / "run"], f"another run (pid {other.pid}) is using")
+    finally:
+        other.kill()
+        other.wait()
+    release = cl.lock(tmp_path / "run")  # that run is gone: its lock is taken over
+    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
+    release()
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(world, tmp_path):
+    process = subprocess.Popen([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY, "--out-dir",
+                                tmp_path / "run", "--epochs", "50", "--batch-images", "1", "--save-every", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "run" / "last.pt").exists():
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "continue with the same command plus --resume" in out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
+
+
 # --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------
 
 def test_each_rank_trains_on_its_own_share_of_every_epoch():
@@ -845,7 +972,7 @@ def test_torchrun_runs_mle_and_cl_with_two_processes(mle_checkpoint, world):
                   ["--out-dir", str(out / "cl"), "--ref", str(mle_checkpoint), "--max-steps", "3", "--K", "2"],
                   ["--out-dir", str(out / "cl"), "--ref", str(mle_checkpoint), "--max-steps", "5", "--K", "2",
                    "--resume"]):
-        run = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(torchrun + extra, capture_output=True, text=True, timeout=300, env=NO_JAVA)
         assert run.returncode == 0, run.stderr[-2000:]
     assert "over 2 processes" in run.stdout and run.stdout.count("resuming") == 1
     assert load_checkpoint(out / "mle" / "last.pt")["step"] == 6  # 60 images / (5 images x 2 ranks)

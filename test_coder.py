@@ -4,8 +4,11 @@ import json
 import math
 import os
 import shutil
+import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ import torch
 import torch.nn as nn
 
 import coder_retrieval as cr
+from conftest import Hostile
+from test_cl import damaged, refused_in_one_line
 from common import _caption, DataError, caption_content, make_toy_world, oracle_recall, tokenize
 from coder_retrieval import load_checkpoint, save_checkpoint
 
@@ -778,6 +783,104 @@ def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_sam
     monkeypatch.setattr(cr, "save_checkpoint", real_save)
     resumed = cr.main(argv + ["--out-dir", str(tmp_path / "killed"), "--resume"])
     assert resumed[0][1]["rsum"] == straight[0][1]["rsum"]
+
+
+# --- Hardening: whatever a user or a file gets wrong ends in one line, never a traceback or a wrong table ---
+
+def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_line):
+    refused_in_one_line(cr.main, Path(cr.__file__), [(tiny_args(tiny, *flags, "--out-dir", tmp_path / str(i)), message)
+                                                      for i, (flags, message) in enumerate([
+        (["--grad-clip", "-1"], "--grad-clip must be positive and finite, got -1.0"),  # it reversed the gradients
+        (["--text-lr-scale", "-5"], "--text-lr-scale must be at least 0 and finite, got -5.0"),
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--momentum", "nan"], "--momentum must lie in [0, 1], got nan"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--bank-size", "1000000000"], "memory banks of 1000000000 and 4 PGC prototypes would need"),
+        (["--n-prototypes", "1000000000"], "memory banks of 40 and 1000000000 PGC prototypes would need"),
+        (["--max-len", "600"], "--max-len 600 is longer than the 64 positions of the text encoder"),
+        (["--batch-size", "1000", "--no-bank"], "--batch-size 1000 x 1 process(es) is more than the 300 training pairs"),
+        (["--loss", "infonce"], "argument --loss: invalid choice: 'infonce'")])], expect_one_error_line)
+
+
+def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line):
+    coder_run = tiny_args(tiny)
+    huge = lambda path: np.save(path, np.load(path).astype(np.float64) * np.where(np.arange(60) == 2, 1e300, 1)[:, None, None])
+    np.savez(tmp_path / "no-words.npz", words=np.array([], dtype=str), glove=np.zeros((0, 3)), cooccurrence=np.zeros((0, 0)),
+             counts=np.zeros(0))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    refused_in_one_line(cr.main, Path(cr.__file__), [
+        (coder_run + ["--out-dir", tmp_path / "run0", "--data-root", damaged(tiny / "toy", tmp_path / "float64", "train", huge)],
+         "train images 2 hold NaN or inf region features (1 of 60)"),  # finite in float64, inf in float32
+        (coder_run + ["--out-dir", tmp_path / "run1", "--data-root", damaged(tiny / "toy", tmp_path / "dim", "test", lambda p: np.save(p, np.load(p)[..., :8]))],
+         "test region features are 8-dimensional, train's 16"),
+        (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
+         "got float64 (0, 4, 16)"),
+        (coder_run + ["--out-dir", tmp_path / "run3", "--concept-file", tmp_path / "no-words.npz"], "no-words.npz: 0 words"),
+        (coder_run + ["--out-dir", tmp_path / "run4", "--concept-file", tmp_path / "empty.npz"], "empty.npz is not a concept .npz")], expect_one_error_line)
+    broken = shutil.copytree(tiny / "toy", tmp_path / "scenes")
+    (broken / "test_scenes.json").write_text('[{"objects": []}]')
+    assert cr.toy_ceiling(broken, "test") is None  # a malformed scenes file: no ceiling line, no traceback
+
+
+def test_hostile_or_foreign_checkpoints_are_refused_on_every_loading_path(tiny, tmp_path, expect_one_error_line):
+    marker, hostile, resumed = tmp_path / "ran", tmp_path / "hostile.pt", tmp_path / "resumed"
+    torch.save({"model": Hostile(marker)}, hostile)
+    resumed.mkdir()
+    shutil.copy(hostile, resumed / "last.pt")
+    for name, obj in {"dict": {"foo": 1}, "tensor": torch.ones(3), "list": [1, 2]}.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    coder_run = tiny_args(tiny, "--epochs", "1")
+    unsafe = "is not a checkpoint this script can read safely (UnpicklingError)"
+    refused_in_one_line(cr.main, Path(cr.__file__), [
+        (coder_run + ["--eval", hostile], unsafe), (coder_run + ["--out-dir", resumed, "--resume"], unsafe),
+        *[(coder_run + ["--eval", tmp_path / f"{name}.pt"], "is not a checkpoint written by coder_retrieval.py")
+          for name in ("dict", "tensor", "list")]], expect_one_error_line)
+    assert not marker.exists()  # nothing the files named was run
+
+
+def test_resume_refuses_another_world_or_model_size(tiny, tmp_path, expect_one_error_line):
+    argv = tiny_args(tiny, "--epochs", "1", "--out-dir", str(tmp_path / "run"))
+    cr.main(argv)
+    make_toy_world(tmp_path / "other", n_train=40, n_dev=20, n_test=20, regions=4, dim=16)
+    refused_in_one_line(cr.main, Path(cr.__file__), [
+        ([*argv, "--epochs", "2", "--resume", "--data-root", tmp_path / "other"],
+         "was trained on 300 training pairs, this train split has 200"),
+        ([*argv, "--epochs", "2", "--resume", "--embed-size", "64"],
+         "was trained with embed_size 32, not 64; resume with the same")], expect_one_error_line)
+
+
+def test_a_nan_similarity_is_a_miss_not_a_hit():
+    S = torch.eye(2).repeat_interleave(5, 1)  # image i's own captions score 1, the others 0: all hits
+    S[1] = math.nan  # image 1's embedding went NaN
+    r = cr.recall_at_k(S)
+    assert r["i2t_r1"] == 50.0  # image 1 misses; image 0 still finds its captions
+    assert r["t2i_r1"] == 0.0  # every caption misses: a NaN score counts against the query, as a tie does
+
+
+def test_cvse_converter_refuses_files_that_are_not_cvses(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "concepts.json").write_text('{"dog": 0, "cat": 1}')
+    (tmp_path / "glove.pkl").write_bytes(pickle.dumps(np.zeros((2, 3), dtype=np.float32)))
+    (tmp_path / "array.pkl").write_bytes(pickle.dumps(np.zeros((2, 2))))
+    with pytest.raises(DataError, match="bad.json is not CVSE's category_concepts.json"):
+        cr.convert_cvse_concepts(tmp_path / "bad.json", tmp_path / "glove.pkl", tmp_path / "array.pkl", tmp_path / "x.npz")
+    with pytest.raises(DataError, match="array.pkl is not CVSE's adjacency pickle"):
+        cr.convert_cvse_concepts(tmp_path / "concepts.json", tmp_path / "glove.pkl", tmp_path / "array.pkl",
+                                 tmp_path / "x.npz")
+
+
+def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(tiny, tmp_path):
+    process = subprocess.Popen([sys.executable, Path(cr.__file__), *tiny_args(tiny, "--epochs", "50", "--save-every", "2",
+                                                                              "--out-dir", str(tmp_path / "run"))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "run" / "last.pt").exists():
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "continue with the same command plus --resume" in out and load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) ---
