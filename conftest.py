@@ -2,6 +2,7 @@
 and killing a training run with SIGKILL at a random step."""
 import os
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -92,3 +93,16 @@ def expect_one_error_line():
         assert sum(line.startswith("error:") for line in lines) == 1, done.stderr[-2000:]
         return done
     return run
+
+
+def interrupt_after_first_save(command, last_pt):
+    """Starts a training command, sends SIGINT (Ctrl-C) once `last_pt` exists; returns (exit status, stdout,
+    stderr)."""
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    while not last_pt.exists():
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err

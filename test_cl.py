@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import cl_captioning as cl
-from conftest import NO_JAVA, Hostile
+from conftest import NO_JAVA, Hostile, interrupt_after_first_save
 from common import (BOS, CATEGORIES, EOS, PAD, UNK, DataError, Vocab, load_split, make_toy_world, nonfinite_images,
                     tokenize)
 from cl_captioning import load_checkpoint
@@ -868,16 +867,10 @@ def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_dead_runs_lock_taken
 
 
 def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(world, tmp_path):
-    process = subprocess.Popen([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY, "--out-dir",
-                                tmp_path / "run", "--epochs", "50", "--batch-images", "1", "--save-every", "5"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / "run" / "last.pt").exists():
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "continue with the same command plus --resume" in out
+    code, out, err = interrupt_after_first_save([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY,
+                                                 "--out-dir", tmp_path / "run", "--epochs", "50", "--batch-images", "1",
+                                                 "--save-every", "5"], tmp_path / "run" / "last.pt")
+    assert code == 130 and "Traceback" not in err and "continue with the same command plus --resume" in out, err[-2000:]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
 
 

@@ -5,10 +5,8 @@ import math
 import os
 import shutil
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import coder_retrieval as cr
-from conftest import Hostile
+from conftest import Hostile, interrupt_after_first_save
 from test_cl import damaged, refused_in_one_line
 from common import _caption, DataError, caption_content, make_toy_world, oracle_recall, tokenize
 from coder_retrieval import load_checkpoint, save_checkpoint
@@ -871,16 +869,10 @@ def test_cvse_converter_refuses_files_that_are_not_cvses(tmp_path):
 
 
 def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(tiny, tmp_path):
-    process = subprocess.Popen([sys.executable, Path(cr.__file__), *tiny_args(tiny, "--epochs", "50", "--save-every", "2",
-                                                                              "--out-dir", str(tmp_path / "run"))],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / "run" / "last.pt").exists():
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "continue with the same command plus --resume" in out and load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 2
+    code, out, err = interrupt_after_first_save([sys.executable, Path(cr.__file__), *tiny_args(
+        tiny, "--epochs", "50", "--save-every", "2", "--out-dir", str(tmp_path / "run"))], tmp_path / "run" / "last.pt")
+    assert code == 130 and "Traceback" not in err and "continue with the same command plus --resume" in out, err[-2000:]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) ---
