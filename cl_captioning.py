@@ -66,7 +66,8 @@ def refuse(message):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
+                                usage="%(prog)s [flags]")
     p.error = refuse  # argparse's own errors end in one line too
     add = p.add_argument
     add("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")

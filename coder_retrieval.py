@@ -84,7 +84,8 @@ def refuse(message):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
+                                usage="%(prog)s [flags]")
     p.error = refuse  # argparse's own errors end in one line too
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
