@@ -851,8 +851,8 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
-        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); "
-                        f"use a checkpoint written by coder_retrieval.py")
+        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
+                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
 
 
 def rng_states(device):
