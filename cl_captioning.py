@@ -374,13 +374,15 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
     saved_vocab = Vocab(ckpt["vocab"])
     if saved_vocab != vocab:
-        raise DataError(f"{path} was trained with a {len(saved_vocab)}-word vocabulary, but the {dataset} train "
-                        f"split gives {len(vocab)} words; use a checkpoint trained on this dataset")
+        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
+                        f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
     try:
         model = CAPTIONERS[record["kind"]](**record["kwargs"])
         model.load_state_dict(record["state"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
         raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
     return model.to(device), ckpt
 
 
@@ -506,6 +508,17 @@ def meteor_scorer():
     return Meteor()
 
 
+def meteor(gts, res):
+    scorer = meteor_scorer()
+    try:
+        return scorer.compute_score(gts, res)[0]
+    except BaseException:  # Ctrl-C mid-score leaves pycocoevalcap's lock held: its __del__ would wait forever at exit
+        scorer.meteor_p.kill()
+        scorer.lock.release() if scorer.lock.locked() else None
+        meteor_scorer.cache_clear()
+        raise
+
+
 def caption_metrics(coco, results):
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file, read with loadRes)
     against the references in coco: pycocoevalcap's COCOEvalCap.evaluate without SPICE, which downloads
@@ -528,7 +541,7 @@ def caption_metrics(coco, results):
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
     if ptb_available():
-        scores["METEOR"] = meteor_scorer().compute_score(gts, res)[0]
+        scores["METEOR"] = meteor(gts, res)
     scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
     return scores
@@ -702,7 +715,7 @@ def require_memory(nbytes_needed, what, device):
 def load_checkpoint(path):
     """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
     if not Path(path).is_file():
-        raise DataError(f"checkpoint {path} not found")
+        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types

@@ -847,7 +847,7 @@ def require_memory(nbytes_needed, what, device):
 def load_checkpoint(path):
     """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
     if not Path(path).is_file():
-        raise DataError(f"checkpoint {path} not found")
+        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
@@ -957,7 +957,9 @@ def checked(ckpt, path, for_resume=False):
         need.update(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
                     pgc_store=torch.Tensor, pgc_seen=torch.Tensor)
     if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or \
-            not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys():
+            not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or \
+            not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or \
+            len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts"):
         raise DataError(f"{path} is not a {'last.pt' if for_resume else 'checkpoint'} written by coder_retrieval.py")
     return ckpt
 
@@ -966,9 +968,11 @@ def model_from_checkpoint(ckpt, features=None, split=""):
     try:
         model = CODER(**ckpt["model_args"])
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, MemoryError) as e:
         raise DataError(f"the checkpoint does not hold a CODER model of this script ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100]})")
+                        f"{(str(e).splitlines() or [''])[0][:100]})")
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise DataError("the checkpoint holds NaN or inf weights; use one from before the loss went non-finite")
     if features is not None and features.shape[2] != ckpt["model_args"]["feat_dim"]:
         raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
                         f"{features.shape[2]}-d; use the dataset the model was trained on")
@@ -1074,6 +1078,9 @@ def prepare(args, root, rank, world_size, device):
     positions = getattr(text_model.config, "max_position_embeddings", args.max_len)
     if args.max_len > positions:
         raise DataError(f"--max-len {args.max_len} is longer than the {positions} positions of the text encoder")
+    if args.freeze_text_layers > text_model.config.num_hidden_layers:
+        raise DataError(f"--freeze-text-layers {args.freeze_text_layers} is more than the text encoder's "
+                        f"{text_model.config.num_hidden_layers} layers")
     features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
     dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (tokenizer.pad_token_id,)
     if dev[0].shape[2] != features.shape[2]:

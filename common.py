@@ -139,7 +139,8 @@ def finite_images(features, split, skip_nonfinite=False):
     bad = nonfinite_images(features)
     if len(bad) and not skip_nonfinite:
         hint = " or pass --skip-nonfinite" if split == "train" else ""
-        raise DataError(f"{split} images {some_ids(bad)} hold NaN or inf region features ({len(bad)} of "
+        in_float32 = "" if features.dtype == np.float32 else " in float32"  # 1e300 in float64 is inf in float32
+        raise DataError(f"{split} images {some_ids(bad)} hold NaN or inf region features{in_float32} ({len(bad)} of "
                         f"{len(features)}); repair {split}_ims.npy{hint}")
     if len(bad) == len(features):
         raise DataError(f"every {split} image holds NaN or inf region features")

@@ -476,6 +476,21 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
     assert abs(az["CIDEr"] - official.eval["CIDEr"]) > 1e-3
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java (CI has it)")
+def test_ctrl_c_during_meteor_leaves_no_lock_that_would_hang_the_exit(monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+    scorer = cl.meteor_scorer()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Meteor, "_stat", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cl.meteor({1: ["a dog"]}, {1: ["a dog"]})
+    assert not scorer.lock.locked() and scorer.meteor_p.wait(timeout=10) is not None  # __del__ would not block
+    assert cl.meteor_scorer() is not scorer  # the next score starts a fresh METEOR
+
+
 def test_caption_metrics_without_java_use_az_tokens_and_say_so(monkeypatch, capsys):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -805,7 +820,7 @@ def test_damaged_data_is_a_one_line_error(world, tmp_path, expect_one_error_line
         (cl_run + [damaged(world, tmp_path / "dim", "dev", lambda path: np.save(path, np.load(path)[..., :8]))],
          "dev region features are 8-dimensional, train's 16"),
         (cl_run + [damaged(world, tmp_path / "float64", "train", huge)],  # finite in float64, inf in float32
-         "train images 3 hold NaN or inf region features (1 of 60)"),
+         "train images 3 hold NaN or inf region features in float32 (1 of 60)"),
         (cl_run + [tmp_path / "a-file" / "toy"], "cannot build the toy world in")], expect_one_error_line)
 
 
@@ -819,6 +834,11 @@ def test_hostile_or_foreign_checkpoints_are_refused_on_every_loading_path(world,
                "kind": {"model": {"kind": "gpt", "kwargs": {}, "state": {}}, "vocab": []}}
     for name, obj in foreign.items():
         torch.save(obj, tmp_path / f"{name}.pt")
+    nan, shuffled = load_checkpoint(mle_checkpoint), load_checkpoint(mle_checkpoint)
+    nan["model"]["state"]["classifier.bias"][5] = math.nan
+    shuffled["vocab"] = shuffled["vocab"][:4] + shuffled["vocab"][4:][::-1]
+    torch.save(nan, tmp_path / "nan.pt")
+    torch.save(shuffled, tmp_path / "shuffled.pt")
     cl_run = ["--data-root", world, *TINY, "--epochs", "1"]
     unsafe = "is not a checkpoint this script can read safely (UnpicklingError)"
     refused_in_one_line(cl.main, HERE / "cl_captioning.py", [
@@ -826,7 +846,12 @@ def test_hostile_or_foreign_checkpoints_are_refused_on_every_loading_path(world,
         (cl_run + ["--ref", mle_checkpoint, "--init", hostile, "--out-dir", tmp_path / "init"], unsafe),
         (cl_run + ["--resume", "--out-dir", resumed], unsafe),
         *[(cl_run + ["--eval", tmp_path / f"{name}.pt"], "is not a checkpoint written by cl_captioning.py")
-          for name in foreign]], expect_one_error_line)
+          for name in foreign],
+        (cl_run + ["--eval", tmp_path / "nan.pt"], "nan.pt holds NaN or inf weights"),
+        (cl_run + ["--ref", tmp_path / "nan.pt", "--init", mle_checkpoint], "nan.pt holds NaN or inf weights"),
+        (cl_run + ["--ref", tmp_path / "shuffled.pt"], "was trained with another vocabulary (64 words) than the toy train "
+                                                       "split gives (64 words)"),
+        (cl_run + ["--eval", tmp_path], "is not a file")], expect_one_error_line)
     assert not marker.exists()  # nothing the files named was run
     torch.save({"model": {}, "stage": "mle"}, resumed / "last.pt")
     with pytest.raises(DataError, match="is not a last.pt written by cl_captioning.py"):

@@ -797,6 +797,7 @@ def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_li
         (["--bank-size", "1000000000"], "memory banks of 1000000000 and 4 PGC prototypes would need"),
         (["--n-prototypes", "1000000000"], "memory banks of 40 and 1000000000 PGC prototypes would need"),
         (["--max-len", "600"], "--max-len 600 is longer than the 64 positions of the text encoder"),
+        (["--freeze-text-layers", "3"], "--freeze-text-layers 3 is more than the text encoder's 2 layers"),
         (["--batch-size", "1000", "--no-bank"], "--batch-size 1000 x 1 process(es) is more than the 300 training pairs"),
         (["--loss", "infonce"], "argument --loss: invalid choice: 'infonce'")])], expect_one_error_line)
 
@@ -809,7 +810,7 @@ def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line)
     (tmp_path / "empty.npz").write_bytes(b"")
     refused_in_one_line(cr.main, Path(cr.__file__), [
         (coder_run + ["--out-dir", tmp_path / "run0", "--data-root", damaged(tiny / "toy", tmp_path / "float64", "train", huge)],
-         "train images 2 hold NaN or inf region features (1 of 60)"),  # finite in float64, inf in float32
+         "train images 2 hold NaN or inf region features in float32 (1 of 60)"),  # finite in float64, inf in float32
         (coder_run + ["--out-dir", tmp_path / "run1", "--data-root", damaged(tiny / "toy", tmp_path / "dim", "test", lambda p: np.save(p, np.load(p)[..., :8]))],
          "test region features are 8-dimensional, train's 16"),
         (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
@@ -837,15 +838,23 @@ def test_hostile_or_foreign_checkpoints_are_refused_on_every_loading_path(tiny, 
     assert not marker.exists()  # nothing the files named was run
 
 
-def test_resume_refuses_another_world_or_model_size(tiny, tmp_path, expect_one_error_line):
+def test_resume_and_eval_refuse_another_world_model_size_or_damaged_values(tiny, tmp_path, expect_one_error_line):
     argv = tiny_args(tiny, "--epochs", "1", "--out-dir", str(tmp_path / "run"))
     cr.main(argv)
+    nan, beta = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "run" / "best.pt")
+    nan["model"]["image_encoder.fc.weight"][0, 0] = math.nan
+    beta["args"]["beta"] = math.nan
+    torch.save(nan, tmp_path / "nan.pt")
+    torch.save(beta, tmp_path / "beta.pt")
     make_toy_world(tmp_path / "other", n_train=40, n_dev=20, n_test=20, regions=4, dim=16)
     refused_in_one_line(cr.main, Path(cr.__file__), [
         ([*argv, "--epochs", "2", "--resume", "--data-root", tmp_path / "other"],
          "was trained on 300 training pairs, this train split has 200"),
         ([*argv, "--epochs", "2", "--resume", "--embed-size", "64"],
-         "was trained with embed_size 32, not 64; resume with the same")], expect_one_error_line)
+         "was trained with embed_size 32, not 64; resume with the same"),
+        ([*argv, "--eval", tmp_path / "nan.pt"], "the checkpoint holds NaN or inf weights"),
+        ([*argv, "--eval", tmp_path / "beta.pt"], "beta.pt is not a checkpoint written by coder_retrieval.py")],
+        expect_one_error_line)
 
 
 def test_a_nan_similarity_is_a_miss_not_a_hit():
