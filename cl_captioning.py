@@ -1004,10 +1004,10 @@ def main(argv=None):
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
     test = load_split(root, captioning_test_split(args.dataset))
     finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
-    words = (args.max_words + 1) * len(vocab) * 4  # bytes of one caption's word log-probs
-    require_memory(words * (1 + args.K * (args.stage == "cl")) * CAPS_PER_IMAGE * args.batch_images, f"a step's word "
-                   f"log-probs ({args.batch_images} images x 5 captions x {1 + args.K * (args.stage == 'cl')})", device)
-    require_memory(words * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
+    per_caption, rounds = (args.max_words + 1) * len(vocab) * 4, 1 + args.K * (args.stage == "cl")  # bytes of log-probs
+    require_memory(per_caption * rounds * CAPS_PER_IMAGE * args.batch_images, f"a step's word log-probs "
+                   f"({args.batch_images} images x 5 captions x {rounds})", device)
+    require_memory(per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
     if args.eval:
         return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
     dev = load_split(root, "dev")
