@@ -142,6 +142,8 @@ def parse_args(argv=None):
     for name in ("lr", "nu", "grad_clip"):
         if not 0 < getattr(args, name) < math.inf:
             raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
+        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
     for name in ("dropout", "target_dropout", "beta1"):
         if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")

@@ -173,6 +173,8 @@ def parse_args(argv=None):
     for name in ("lr", "mu", "eps", "grad_clip", "concept_lambda"):
         if not 0 < getattr(args, name) < math.inf:
             raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
+        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
     for name in ("text_lr_scale", "margin", "lambda_inst", "gamma"):
         if not 0 <= getattr(args, name) < math.inf:
             raise DataError(f"--{name.replace('_', '-')} must be at least 0 and finite, got {getattr(args, name)}")

@@ -789,6 +789,7 @@ def test_nonsense_values_are_one_line_errors(world, mle_checkpoint, tmp_path, ex
     refused_in_one_line(cl.main, HERE / "cl_captioning.py", [(cl_run + flags, message) for flags, message in [
         (["--lr", "nan"], "--lr must be positive and finite, got nan"),
         (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+        (["--lr", "1e23"], "--lr must be at most 1, got 1e+23"),
         (["--grad-clip", "-1"], "--grad-clip must be positive and finite, got -1.0"),
         (["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
         (["--seed", "-1"], "--seed must be at least 0, got -1"),
