@@ -376,8 +376,9 @@ def gcn(X, A_hat, W1, W2):
 
 
 def concept_scores(query, W, Y, lam, cosine=False):
-    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts; with `cosine` the
-    projected query is L2-normalised, so that (Y being unit rows) lam alone sets the sharpness."""
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts; with `cosine` (the default) the
+    projected query is L2-normalised, so that (Y being unit rows) lam alone sets the sharpness: as printed,
+    q^T W y grows until the softmax is one-hot on one concept for every input."""
     query = query @ W
     return torch.softmax(lam * (l2norm(query) if cosine else query) @ Y.t(), dim=-1)
 
@@ -559,7 +560,9 @@ def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="printed
     diagonal, `negatives` (default q != n) marks the columns summed over.
     printed:  mu/N sum_n [ log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
     unscaled: the same with the positive term not multiplied by mu
-    relative: mu/N sum_n log(sum_{q!=n} exp((S_nq - S_nn + gamma) / (mu div_n)) + 1)"""
+    relative: mu/N sum_n log(sum_{q!=n} exp((S_nq - S_nn + gamma) / (mu div_n)) + 1)
+    The default is relative: as printed, the positive's pull is a tenth of the negatives' push and a constant
+    S is a stationary point (-28 test rsum on Table 2 #2; README, "What the CODER investigation found")."""
     negatives = off_diagonal(sim) if negatives is None else negatives
     temperature = mu if div is None else mu * div[:, None]
     positive_sim = sim.diagonal()
