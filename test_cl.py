@@ -875,14 +875,14 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_pa
     assert load_checkpoint(path)["step"] == 1 and {p.name for p in tmp_path.iterdir()} == {"last.pt"}
 
 
-def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_dead_runs_lock_taken_over(world, tmp_path,
-                                                                                      expect_one_error_line):
+def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_dead_runs_lock_taken_over(world, tmp_path):
     other = subprocess.Popen(["sleep", "60"])
     try:
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / ".lock").write_text(str(other.pid))
-        expect_one_error_line([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY,
-                               "--out-dir", tmp_path / "run"], f"another run (pid {other.pid}) is using")
+        with pytest.raises(DataError, match=f"^another run \\(pid {other.pid}\\) is using .*run; wait for it, or pass "
+                                             f"another --out-dir$"):
+            cl.main([str(a) for a in ("--data-root", world, *TINY, "--out-dir", tmp_path / "run")])
     finally:
         other.kill()
         other.wait()

@@ -809,10 +809,10 @@ def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line)
              counts=np.zeros(0))
     (tmp_path / "empty.npz").write_bytes(b"")
     refused_in_one_line(cr.main, Path(cr.__file__), [
-        (coder_run + ["--out-dir", tmp_path / "run0", "--data-root", damaged(tiny / "toy", tmp_path / "float64", "train", huge)],
-         "train images 2 hold NaN or inf region features in float32 (1 of 60)"),  # finite in float64, inf in float32
         (coder_run + ["--out-dir", tmp_path / "run1", "--data-root", damaged(tiny / "toy", tmp_path / "dim", "test", lambda p: np.save(p, np.load(p)[..., :8]))],
          "test region features are 8-dimensional, train's 16"),
+        (coder_run + ["--out-dir", tmp_path / "run0", "--data-root", damaged(tiny / "toy", tmp_path / "float64", "train", huge)],
+         "train images 2 hold NaN or inf region features in float32 (1 of 60)"),  # finite in float64, inf in float32
         (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
          "got float64 (0, 4, 16)"),
         (coder_run + ["--out-dir", tmp_path / "run3", "--concept-file", tmp_path / "no-words.npz"], "no-words.npz: 0 words"),
@@ -848,12 +848,12 @@ def test_resume_and_eval_refuse_another_world_model_size_or_damaged_values(tiny,
     torch.save(beta, tmp_path / "beta.pt")
     make_toy_world(tmp_path / "other", n_train=40, n_dev=20, n_test=20, regions=4, dim=16)
     refused_in_one_line(cr.main, Path(cr.__file__), [
+        ([*argv, "--eval", tmp_path / "beta.pt"], "beta.pt is not a checkpoint written by coder_retrieval.py"),
         ([*argv, "--epochs", "2", "--resume", "--data-root", tmp_path / "other"],
          "was trained on 300 training pairs, this train split has 200"),
         ([*argv, "--epochs", "2", "--resume", "--embed-size", "64"],
          "was trained with embed_size 32, not 64; resume with the same"),
-        ([*argv, "--eval", tmp_path / "nan.pt"], "the checkpoint holds NaN or inf weights"),
-        ([*argv, "--eval", tmp_path / "beta.pt"], "beta.pt is not a checkpoint written by coder_retrieval.py")],
+        ([*argv, "--eval", tmp_path / "nan.pt"], "the checkpoint holds NaN or inf weights")],
         expect_one_error_line)
 
 
