@@ -538,7 +538,7 @@ def test_toy_overrides_apply_only_where_the_user_gave_no_flag():
 
 # --- End to end on a tiny toy world ----------------------------------------------------------------
 
-TINY = ["--rnn-size", "16", "--emb-size", "16", "--batch-images", "5", "--val-retrieval-images", "0",
+TINY = ["--rnn-size", "16", "--emb-size", "16", "--batch-images", "5",
         "--retrieval-images", "10", "--examples", "1", "--threads", "1"]
 
 
