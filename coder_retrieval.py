@@ -264,12 +264,45 @@ class TextEncoder(nn.Module):
             self.bert.pooler.requires_grad_(False)          # for every trainable parameter
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
-    def hidden(self, ids, mask):
-        """The transformer's word-level embeddings e_t (B, T, hidden)."""
-        return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    frozen_layers = 0  # freeze(k): the embeddings and the k lower layers are a fixed feature extractor
 
-    def forward(self, ids, mask):
-        return self.fc(self.hidden(ids, mask))
+    def freeze(self, k):
+        for module in [self.bert.embeddings, *self.bert.encoder.layer[:k]]:
+            module.requires_grad_(False)
+        self.frozen_layers = k
+
+    @torch.no_grad()
+    def frozen(self, ids, mask):
+        """The fixed part's output (hidden states, attention mask, k), in eval mode (no dropout): computed once a
+        step and fed to both the online and the momentum encoder, whose frozen copies are equal. None: no fixed part."""
+        from transformers.masking_utils import create_bidirectional_mask
+        k = self.frozen_layers
+        if not k:
+            return None
+        modules = [self.bert.embeddings, *self.bert.encoder.layer[:k]]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        h = self.bert.embeddings(input_ids=ids)
+        am = create_bidirectional_mask(config=self.bert.config, inputs_embeds=h, attention_mask=mask.long())
+        for layer in self.bert.encoder.layer[:k]:
+            h = layer(h, am)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        return h, am, k
+
+    def hidden(self, ids, mask, lower=None):
+        """The transformer's word-level embeddings e_t (B, T, hidden); from `lower` = frozen(...) if given."""
+        lower = self.frozen(ids, mask) if lower is None else lower
+        if lower is None:
+            return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        h, am, k = lower
+        for layer in self.bert.encoder.layer[k:]:
+            h = layer(h, am)
+        return h
+
+    def forward(self, ids, mask, lower=None):
+        return self.fc(self.hidden(ids, mask, lower))
 
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ----------------------
@@ -437,12 +470,12 @@ def momentum_update(online, momentum_copy, m):
 
 
 @torch.no_grad()
-def momentum_keys(model, regions, ids, mask, m):
+def momentum_keys(model, regions, ids, mask, m, lower=None):
     """MoCo's keys: the key encoders first move toward the query encoders (the step before's update,
     done here), then encode the batch: v_k, w_k."""
     momentum_update(model.image_encoder, model.image_encoder_m, m)
     momentum_update(model.text_encoder, model.text_encoder_m, m)
-    return l2norm(aggregate(model.image_encoder_m(regions))), l2norm(aggregate(model.text_encoder_m(ids, mask), mask))
+    return l2norm(aggregate(model.image_encoder_m(regions))), l2norm(aggregate(model.text_encoder_m(ids, mask, lower), mask))
 
 
 def with_queues(model, keys, image_ids):
@@ -499,10 +532,10 @@ class CODER(nn.Module):
             self.image_encoder_m.load_state_dict(self.image_encoder.state_dict())
             self.text_encoder_m.load_state_dict(self.text_encoder.state_dict())
 
-    def forward(self, regions, ids, mask):
+    def forward(self, regions, ids, mask, lower=None):
         """Instance embeddings v^I, w^I (Eq. 1) and concept embeddings v^C, w^C (Eq. 2, or None)."""
         Y = self.concepts.basis() if self.concepts is not None else None  # one GCN pass for both modalities
-        (v_I, v_C), (w_I, w_C) = self.encode_images(regions, Y=Y), self.encode_texts(ids, mask, Y=Y)
+        (v_I, v_C), (w_I, w_C) = self.encode_images(regions, Y=Y), self.encode_texts(ids, mask, Y=Y, lower=lower)
         return v_I, w_I, v_C, w_C
 
     def encode_images(self, regions, attention=False, Y=None):
@@ -515,8 +548,8 @@ class CODER(nn.Module):
         a = self.concepts.image_scores(regions, Y)
         return v_I, a if attention else concept_embedding(a, Y)
 
-    def encode_texts(self, ids, mask, attention=False, Y=None):
-        e = self.text_encoder.hidden(ids, mask)
+    def encode_texts(self, ids, mask, attention=False, Y=None, lower=None):
+        e = self.text_encoder.hidden(ids, mask, lower)
         w_I = l2norm(aggregate(self.text_encoder.fc(e), mask))
         if self.concepts is None:
             return w_I, None
@@ -1109,10 +1142,7 @@ def prepare(args, root, rank, world_size, device):
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
         model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
-    if args.freeze_text_layers:  # the embeddings and the lower layers of the transformer stay fixed
-        bert = model.text_encoder.bert
-        for module in [bert.embeddings, *bert.encoder.layer[:args.freeze_text_layers]]:
-            module.requires_grad_(False)
+    model.text_encoder.freeze(args.freeze_text_layers)
     model.to(device)
     net = model  # what computes the queries: the model, or its DDP wrapper that averages gradients over ranks
     if world_size > 1:
@@ -1144,8 +1174,9 @@ def train(args, root):
                 regions, (ids, mask) = image_batch(features, idx // CAPS_PER_IMAGE, device), text_batch(tokens, idx, pad_id, device)
                 image_ids, caption_idx = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device), torch.from_numpy(idx).to(device)
                 with autocast(device):
-                    v_I, w_I, v_C, w_C = net(regions, ids, mask)  # queries: Eq. 1 and 2
-                    keys = momentum_keys(model, regions, ids, mask, args.momentum) if model.bank_size else None
+                    lower = model.text_encoder.frozen(ids, mask)  # once for both text encoders
+                    v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)  # queries: Eq. 1 and 2
+                    keys = momentum_keys(model, regions, ids, mask, args.momentum, lower) if model.bank_size else None
                     bank = with_queues(model, keys, image_ids) if keys is not None else None
                     loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, run.labels[caption_idx], args, bank,
                                              model.prototypes)  # Eq. 8

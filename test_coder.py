@@ -528,10 +528,30 @@ def tiny(tmp_path_factory):
 
 def step_loss(net, model, regions, ids, mask, image_ids, z, args):
     """The training step's forward, as train() computes it: queries, MoCo keys, then Eq. 8."""
-    v_I, w_I, v_C, w_C = net(regions, ids, mask)
-    keys = cr.momentum_keys(model, regions, ids, mask, args.momentum) if model.bank_size else None
+    lower = model.text_encoder.frozen(ids, mask)
+    v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)
+    keys = cr.momentum_keys(model, regions, ids, mask, args.momentum, lower) if model.bank_size else None
     bank = cr.with_queues(model, keys, image_ids) if keys is not None else None
     return (*cr.coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank, model.prototypes), keys)
+
+
+def test_frozen_lower_layers_run_once_in_eval_mode_and_equal_the_whole_transformer():
+    config = dict(model_type="bert", vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5)
+    torch.manual_seed(0)
+    encoder = cr.TextEncoder(config, 16).eval()
+    ids, mask = torch.randint(5, 50, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 4:], mask[2, 2:] = False, False
+    whole = encoder.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # transformers' own forward
+    encoder.freeze(2)
+    assert torch.allclose(encoder.hidden(ids, mask), whole, atol=1e-6)
+    encoder.train()
+    lower = encoder.frozen(ids, mask)
+    assert torch.equal(lower[0], encoder.frozen(ids, mask)[0]) and not lower[0].requires_grad  # no dropout, no grad
+    assert encoder.bert.embeddings.training and all(layer.training for layer in encoder.bert.encoder.layer)
+    encoder.hidden(ids, mask, lower).sum().backward()
+    grads = [p.grad is not None for layer in encoder.bert.encoder.layer for p in layer.parameters()]
+    assert not any(grads[:len(grads) // 2]) and all(grads[len(grads) // 2:])
 
 
 def tiny_args(tiny, *extra):
