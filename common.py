@@ -272,7 +272,8 @@ def _caption(scene, level, rng, vague=None):
         phrase, prefix, tail = rng.choice(phrases), rng.choice(PREFIXES), rng.choice(TAILS)
         forms = [prefix + f"{text} {phrase}", prefix + f"{_a(name)} with {text}", f"{phrase}, {text}"]
         caption = forms[rng.choice(3, p=[0.5, 0.25, 0.25])] + tail
-        if len(tokenize(caption)) <= 16:  # the papers' limit
+        words = tokenize(caption)
+        if len(words) <= 16 and words.count("is") <= 1:  # the papers' limit; not 'there is a man is sitting'
             return caption
 
 
