@@ -185,24 +185,54 @@ def prepare_data(dataset, data_root=None):
 
 
 # --- The toy world ---------------------------------------------------------------------------
-# A small synthetic world in the real layout, built so that the papers' effects can show:
-# skewed object frequencies, captions of varying specificity (generic ones shared by many images,
-# detailed ones that identify the image), and region features that carry what the captions say.
+# A small synthetic world in the real layout, built so that the papers' effects can show. A place draws
+# the scene's objects (a beach: surfers, kites, dogs), the main one draws its companions (a dog: a
+# frisbee); 40% of the other objects are weak in the features (small, occluded; ~41% of COCO's boxes are
+# small) though captions name them. Captions range from generic (shared content, varied wording) to detailed.
 
-CATEGORIES = [  # (nouns used interchangeably in captions), in Zipf order: the first dominate
-    ("man", "guy"), ("dog", "puppy"), ("woman", "lady"), ("cat", "kitten"), ("car",),
-    ("table",), ("horse", "pony"), ("bird",), ("bus",), ("bicycle", "bike"), ("boat",),
-    ("chair",), ("ball",), ("umbrella",), ("kite",), ("bench",), ("cake",), ("clock",),
-    ("train",), ("sheep",), ("cow",), ("elephant",), ("pizza",), ("truck",),
+CATEGORIES = [  # (nouns used interchangeably in captions)
+    ("man", "guy", "gentleman"), ("woman", "lady"), ("child", "kid"),
+    ("dog", "puppy", "pup"), ("cat", "kitten", "kitty"), ("horse", "pony"), ("bird",), ("cow",), ("sheep",),
+    ("car",), ("bus",), ("truck",), ("bicycle", "bike"), ("boat",),
+    ("kite",), ("surfboard",), ("umbrella",), ("frisbee",), ("ball",), ("snowboard",), ("sled",),
+    ("bench",), ("table",), ("couch", "sofa"), ("tv", "television"), ("stove", "oven"), ("pizza",), ("cake",),
 ]
-PEOPLE = {"man", "guy", "woman", "lady"}
-COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange"]
+KINDS = [("person", 3), ("animal", 6), ("vehicle", 5), (None, 14)]  # the word a caption may use instead; how many
+KIND = [kind for kind, n in KINDS for _ in range(n)]
+INDEX = {nouns[0]: i for i, nouns in enumerate(CATEGORIES)}
+PLACES = [  # (name, phrases ending a caption, its categories, most frequent first)
+    ("beach", ("on the beach", "on the sand", "by the ocean"), "man surfboard kite woman dog umbrella child bird ball"),
+    ("kitchen", ("in a kitchen", "in the kitchen"), "woman man table stove cake pizza cat child"),
+    ("street", ("on a street", "on a city street", "on the road"), "car man bus truck woman bicycle dog child"),
+    ("park", ("in a park", "on the grass"), "dog man child frisbee bench woman ball bird bicycle kite"),
+    ("field", ("in a field", "on a farm", "in a grassy field"), "horse cow sheep man dog bird child"),
+    ("snowy hill", ("in the snow", "on a ski slope", "on a snowy hill"), "man snowboard child sled woman dog"),
+    ("living room", ("in a living room", "in a room"), "cat couch tv dog woman man child table"),
+    ("lake", ("on the water", "on a lake", "near the water"), "boat man bird dog woman child"),
+]
+COMPANIONS = {  # what the main object brings along: 4x as likely among what its place holds
+    "man": "surfboard kite bicycle horse snowboard boat", "woman": "umbrella dog horse cake bicycle",
+    "child": "kite ball sled cake dog", "dog": "frisbee ball man child", "cat": "couch tv", "horse": "man woman",
+    "cow": "sheep", "car": "truck bus", "bus": "car", "table": "pizza cake", "couch": "tv cat", "tv": "couch",
+}
+USES = {  # what a person does with the second object, one word each (captions stay within 16 words)
+    "surfboard": ("riding", "carrying"), "snowboard": ("riding", "carrying"), "sled": ("riding",), "horse": ("riding",),
+    "bicycle": ("riding",), "boat": ("riding",), "kite": ("flying", "holding"), "umbrella": ("holding",),
+    "frisbee": ("holding",), "ball": ("holding",), "cake": ("holding",),
+}
+POSTURES = {"person": ("standing", "sitting", "walking", "posing", "waiting", ""),
+            "animal": ("standing", "sitting", "laying", "walking", "resting", ""),
+            "vehicle": ("parked", "moving", "waiting", ""), None: ("sitting", "laying", "")}
+RELATIONS = ["with", "near", "beside", "by", "and"]
+COLOURS = ["red", "blue", "green", "yellow", "orange", "black", "white", "brown", "grey"]
+ANIMAL_COLOURS = [5, 6, 7, 8]  # no blue dogs
 SIZES = [("small", "little"), ("large", "big")]
 POSITIONS = ["on the left", "on the right", "in the middle"]
-PLACES = [("on the grass", "in a field"), ("on the beach", "by the sea"), ("on the street", "on a road"),
-          ("in a kitchen",), ("in a park",), ("in the snow",), ("in a room", "indoors"), ("near the water",)]
-RELATIONS = ["near", "beside", "with", "by"]  # one word each: captions stay within 16 words
-PREFIXES = ["", "", "a photo of ", "there is "]
+PREFIXES = ["", "", "a photo of ", "a picture of ", "an image of ", "there is ", "this is ", "a view of ", "here is ",
+            "a close up of "]
+TAILS = ["", "", " today", " in the afternoon", " on a sunny day", " in the sun"]
+VAGUE = 0.2  # a caption calls its main object 'a person', 'an animal': named in ~4 of 5 captions, as in COCO
+WEAK = 0.4
 LEVELS = [0, 0, 1, 2, 3]  # specificity of the 5 captions of an image
 
 
@@ -210,52 +240,71 @@ def _a(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _describe(obj, rng, colour=True, size=False):
+def _describe(obj, rng, colour=True, size=False, vague=False, the=False):
     """'a small red kite'; people wear the colour: 'a small man in red'."""
-    noun = rng.choice(CATEGORIES[obj["category"]])
-    words = [rng.choice(SIZES[obj["size"]])] if size else []
-    if noun in PEOPLE:
-        return _a(" ".join(words + [noun])) + (f" in {COLOURS[obj['colour']]}" if colour else "")
-    return _a(" ".join(words + ([COLOURS[obj["colour"]]] if colour else []) + [noun]))
+    kind = KIND[obj["category"]]
+    noun = kind if vague and kind else rng.choice(CATEGORIES[obj["category"]])
+    words = " ".join(([rng.choice(SIZES[obj["size"]])] if size else [])
+                     + ([COLOURS[obj["colour"]]] if colour and kind != "person" else []) + [noun])
+    text = "the " + words if the else _a(words)
+    worn = f" {rng.choice(['in', 'in', 'wearing'])} {COLOURS[obj['colour']]}" if colour and kind == "person" else ""
+    return text + worn
 
 
-def _caption(scene, level, rng):
-    """Level 0 names the main object and the place; 1 adds its colour; 2 the second object and
-    its colour; 3 also the main object's size and a third object (alone: its position)."""
+def _caption(scene, level, rng, vague=None):
+    """Level 0 names the main object and the place; 1 adds its colour; 2 the second object and its
+    colour; 3 also the main object's size and a third object (alone: its position). `vague`: the main
+    object by its kind; drawn with probability VAGUE when None."""
     main, others = scene["objects"][0], scene["objects"][1:]
-    place = rng.choice(PLACES[scene["place"]])
-    if level == 0:
-        return rng.choice(PREFIXES) + f"{_describe(main, rng, colour=False)} {place}"
-    if level == 1 or (level == 2 and not others):
-        return rng.choice(PREFIXES) + f"{_describe(main, rng)} {place}"
-    text = _describe(main, rng, size=level == 3)
-    if level == 3 and not others:
-        text += " " + POSITIONS[main["position"]]
-    if others:
-        text += f" {rng.choice(RELATIONS)} {_describe(others[0], rng)}"
-    if level == 3 and len(others) >= 2:
-        text += f" and {_describe(others[1], rng, colour=False)}"
-    return f"{text} {place}"
+    vague = rng.random() < VAGUE if vague is None else vague
+    text = _describe(main, rng, colour=level > 0, size=level == 3, vague=vague, the=rng.random() < 0.3)
+    if level >= 2 and others:
+        uses = USES.get(CATEGORIES[others[0]["category"]][0]) if KIND[main["category"]] == "person" else None
+        text += f" {rng.choice(uses or RELATIONS)} {_describe(others[0], rng)}"
+        if level == 3 and len(others) >= 2:
+            text += f" and {_describe(others[1], rng, colour=False)}"
+    else:
+        posture = rng.choice(POSTURES[KIND[main["category"]]])
+        text += f"{rng.choice(['', ' is'])} {posture}" if posture else ""
+        text += f" {POSITIONS[main['position']]}" if level == 3 else ""
+    name, phrases, _ = PLACES[scene["place"]]
+    while True:  # the wording varies so that images rarely share a caption word for word, as in COCO
+        phrase, prefix, tail = rng.choice(phrases), rng.choice(PREFIXES), rng.choice(TAILS)
+        forms = [prefix + f"{text} {phrase}", prefix + f"{_a(name)} with {text}", f"{phrase}, {text}"]
+        caption = forms[rng.choice(3, p=[0.5, 0.25, 0.25])] + tail
+        words = tokenize(caption)
+        if len(words) <= 16 and words.count("is") <= 1:  # the papers' limit; not 'there is a man is sitting'
+            return caption
 
 
 def _scene(rng):
-    zipf = 1.0 / np.arange(1, len(CATEGORIES) + 1)
-    n_objects = rng.choice([1, 2, 3, 4], p=[0.2, 0.4, 0.25, 0.15])
-    categories = rng.choice(len(CATEGORIES), size=n_objects, replace=False, p=zipf / zipf.sum())
-    objects = [{"category": int(c), "colour": int(rng.integers(len(COLOURS))),
-                "size": int(rng.integers(len(SIZES))), "position": int(rng.integers(len(POSITIONS)))}
-               for c in categories]
-    return {"objects": objects, "place": int(rng.integers(len(PLACES)))}
+    """The place draws the main object, the main object favours its companions among the rest."""
+    place = int(rng.integers(len(PLACES)))
+    held = [INDEX[name] for name in PLACES[place][2].split()]
+    weights = 1.0 / np.arange(1, len(held) + 1)  # Zipf within the place
+    n_objects = min(len(held), rng.choice([1, 2, 3, 4], p=[0.2, 0.4, 0.25, 0.15]))
+    chosen = [rng.choice(len(held), p=weights / weights.sum())]
+    companions = COMPANIONS.get(CATEGORIES[held[chosen[0]]][0], "").split()
+    weights *= [4.0 if CATEGORIES[c][0] in companions else 1.0 for c in held]
+    while len(chosen) < n_objects:
+        weights[chosen[-1]] = 0
+        chosen.append(rng.choice(len(held), p=weights / weights.sum()))
+    objects = [{"category": held[c], "size": int(rng.integers(len(SIZES))),
+                "colour": int(rng.choice(ANIMAL_COLOURS if KIND[held[c]] == "animal" else len(COLOURS))),
+                "position": int(rng.integers(len(POSITIONS))), "weak": bool(k > 0 and rng.random() < WEAK)}
+               for k, c in enumerate(chosen)]
+    return {"objects": objects, "place": place}
 
 
 def _regions(scene, directions, rng, regions, dim, noise=0.6):
     """The main object gives 3 jittered detector boxes, stronger ones, the others 1-2 each (the
-    main object is the salient one, which captions name first); the rest are place and clutter."""
+    main object is the salient one, which captions name first), a weak one a single faint box; the
+    rest are place and clutter."""
     rows = []
     for k, obj in enumerate(scene["objects"]):
         signal = (directions["category"][obj["category"]] + 0.6 * directions["colour"][obj["colour"]]
                   + 0.4 * directions["size"][obj["size"]] + 0.4 * directions["position"][obj["position"]])
-        boxes, strength = (3, 1.3) if k == 0 else (rng.integers(1, 3), 1.0)
+        boxes, strength = (3, 1.3) if k == 0 else (1, 0.35) if obj["weak"] else (rng.integers(1, 3), 1.0)
         rows += [signal * strength * rng.uniform(0.8, 1.2) for _ in range(boxes)]
     rows = rows[: regions - 2]  # at least two boxes of background
     rows += [directions["place"][scene["place"]]] * ((regions - len(rows) + 1) // 2)
@@ -294,24 +343,36 @@ def make_toy_world(root, seed=0, n_train=3000, n_dev=300, n_test=500, regions=12
 
 
 # --- The toy world's ceiling ---------------------------------------------------------------
-# A caption says only its scene's content words; synonyms, prefixes and relation words are drawn at
-# random. So no model can tell apart two images whose scenes can say the same content: ranking by
-# content alone, ties in random order, is the best R@1 (both ways) and t2i R@K any model can expect.
+# A caption says only its scene's content words; synonyms, prefixes, verbs, relation words and the place's
+# wording are drawn at random. So no model can tell apart two images whose scenes can say the same content:
+# ranking by content alone, ties in random order, is the best R@1 (both ways) and t2i R@K any model can expect.
 
 SYNONYMS = {alt: group[0] for group in CATEGORIES + SIZES for alt in group}
-PLACE_OF = {phrase: f"<place{i}>" for i, group in enumerate(PLACES) for phrase in group}
+FILLER = {"a", "an", "the", "in", "wearing", *" ".join(PREFIXES).split(), *RELATIONS, *sum(USES.values(), ()),
+          *sum(POSTURES.values(), ())}
 
 
 def caption_content(text):
-    """What a toy caption says about its scene: its words, less articles, prefixes, relation words
-    and synonyms ('a photo of a little puppy by the sea' -> ('small', 'dog', '<place1>'))."""
-    for prefix in filter(None, PREFIXES):
-        text = text.removeprefix(prefix)
-    for phrase, place in PLACE_OF.items():
-        if text.endswith(" " + phrase):
-            text = text[: -len(phrase)] + place
-    return tuple(SYNONYMS.get(word, word) for word in text.split()
-                 if word not in {"a", "an", *RELATIONS})
+    """What a toy caption says about its scene: its words less articles, prefixes, verbs, relation words
+    and synonyms, its place last ('a photo of a beach with a little puppy sitting' -> ('dog', '<place0>'))."""
+    place = None
+    for tail in filter(None, TAILS):
+        text = text.removesuffix(tail)
+    for i, (name, phrases, _) in enumerate(PLACES):
+        if f"{_a(name)} with " in text:
+            text, place = text.replace(f"{_a(name)} with ", "", 1), i
+        for phrase in phrases:
+            if text.endswith(" " + phrase):
+                text, place = text[: -len(phrase)], i
+            if text.startswith(phrase + ", "):
+                text, place = text[len(phrase) + 2:], i
+    return tuple(SYNONYMS.get(word, word) for word in text.split() if word not in FILLER) + (f"<place{place}>",)
+
+
+def sayable(scene):
+    """The contents a scene's captions can say: each level, naming the main object or its kind."""
+    rng = np.random.default_rng(0)  # draws only what caption_content drops
+    return {caption_content(_caption(scene, level, rng, vague)) for level in range(4) for vague in (False, True)}
 
 
 def oracle_recall(scenes, captions, ks=(1, 5, 10)):
@@ -321,10 +382,9 @@ def oracle_recall(scenes, captions, ks=(1, 5, 10)):
     first score tier holding one of its own captions (a own, b others, after `above` captions of
     higher tiers), the first own caption lies in the top K with probability 1 - C(b, r) / C(a + b, r),
     r = K - above."""
-    rng = np.random.default_rng(0)  # draws only synonyms and relation words, which caption_content drops
-    sayable = [{caption_content(_caption(scene, level, rng)) for level in range(4)} for scene in scenes]
+    says = [sayable(scene) for scene in scenes]
     contents = [caption_content(text) for text in captions]
-    consistent = np.array([[content in say for say in sayable] for content in contents])  # captions x images
+    consistent = np.array([[content in say for say in says] for content in contents])  # captions x images
     own = np.repeat(np.arange(len(scenes)), len(captions) // len(scenes))
     if not consistent[np.arange(len(own)), own].all():
         raise ValueError("a caption its own scene cannot say: not a toy split made by make_toy_world")
