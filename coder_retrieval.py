@@ -55,7 +55,7 @@ TOY_OVERRIDES = dict(
     embed_size=256,          # 128-d toy regions; F = 1024 only slows the CPU down
     epochs=2,                # the second one has PGC labels; no lr drop (at half the epochs it cost 8-26 rsum)
     bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
-    n_concepts=64,           # the toy captions hold 58 content words: all of them
+    n_concepts=128,          # the toy captions hold 103 content words: all of them
     n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's
     freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
     val_images=300,
@@ -100,8 +100,9 @@ def build_parser():
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
     add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"],
         help="VSE++ max-violation hinge, Eq. 4 (implicit diversity) or Eq. 5 (explicit diversity)")
-    add("--dcl-positive", default="relative", choices=["printed", "unscaled", "relative"],
-        help="positive term of Eq. 4/5: as printed, without its mu factor, or S_nn inside the exponent (see dcl_loss)")
+    add("--dcl-positive", default="unscaled", choices=["unscaled", "hal", "printed"],
+        help="positive term of Eq. 4/5: -log(S_nn + 1) not multiplied by mu (HAL's code), with HAL's relu, or "
+        "multiplied by mu as printed (see dcl_loss)")
     add("--bank", action=switch, default=True, help="coupled momentum memory banks (Sec. 3.2)")
     add("--mdcl", action=switch, default=True, help="memory-aided loss L_M-DCL (Eq. 6); needs --bank")
     add("--div-bank", action=switch, default=True, help="average batch- and bank-level diversity (Table 3 'MB')")
@@ -118,8 +119,10 @@ def build_parser():
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
-    add("--concept-lambda", type=float, default=3.0, help="softmax sharpness lambda of Eq. 2 (the paper gives none)")
-    add("--concept-cosine", action=switch, default=True, help="L2-normalise the projected query of Eq. 2")
+    add("--concept-lambda", type=float, default=2.0, help="softmax sharpness lambda of Eq. 2 (the paper gives none), "
+        "in units of sqrt(F) with --query-norm")
+    add("--query-norm", action=switch, default=True, help="Eq. 2's queries batch-standardised and compared by "
+        "cosine x sqrt(F) (see concept_scores); off: q^T W y as printed")
     add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
     add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")
     add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default: 10000 F30K, 20000 COCO)")
@@ -408,12 +411,15 @@ def gcn(X, A_hat, W1, W2):
     return l2norm(A_hat @ F.leaky_relu(A_hat @ X @ W1, 0.2) @ W2)
 
 
-def concept_scores(query, W, Y, lam, cosine=False):
-    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts; with `cosine` (the default) the
-    projected query is L2-normalised, so that (Y being unit rows) lam alone sets the sharpness: as printed,
-    q^T W y grows until the softmax is one-hot on one concept for every input."""
+def concept_scores(query, W, Y, lam, scaled=False):
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. `scaled` (the default) L2-normalises the
+    projected query and multiplies it by sqrt(F): a logit then has unit variance at initialisation whatever F and g
+    (as in scaled dot-product attention) and lam alone sets the sharpness; as printed, q^T W y grows until the
+    softmax is one-hot."""
     query = query @ W
-    return torch.softmax(lam * (l2norm(query) if cosine else query) @ Y.t(), dim=-1)
+    if scaled:
+        query = l2norm(query) * math.sqrt(query.shape[-1])
+    return torch.softmax(lam * query @ Y.t(), dim=-1)
 
 
 def concept_embedding(a, Y):
@@ -426,9 +432,9 @@ class ConceptBranch(nn.Module):
     transformer's e_t, through "another group of feature aggregators" than the instance branch's: the
     concept losses then do not pull on the instance image encoder (sharing it cost 7.2 rsum)."""
 
-    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, cosine, feat_dim, text_dim):
+    def __init__(self, n_concepts, concept_dim, embed_size, concept_lambda, query_norm, feat_dim, text_dim):
         super().__init__()
-        self.cosine = cosine
+        self.scaled = query_norm
         self.register_buffer("X", torch.zeros(n_concepts, concept_dim))     # fixed, as GloVe in CVSE
         self.register_buffer("A_hat", torch.eye(n_concepts))               # fixed during training
         self.W1 = nn.Parameter(torch.randn(concept_dim, embed_size // 2) / math.sqrt(concept_dim))
@@ -437,16 +443,20 @@ class ConceptBranch(nn.Module):
         # W^v, W^w start at the identity so that early attention follows plain cosine similarity
         self.W_v, self.W_w = nn.Parameter(torch.eye(embed_size)), nn.Parameter(torch.eye(embed_size))
         self.lam = concept_lambda
+        # the queries standardised over the batch: aggregated regions (post-ReLU) and BERT states share one dominant
+        # direction, and without this every image attends the same concept from the first step (1 of 58 on the toy world)
+        self.norm_v, self.norm_w = ((nn.BatchNorm1d(embed_size, affine=False), nn.BatchNorm1d(embed_size, affine=False))
+                                    if query_norm else (nn.Identity(), nn.Identity()))
 
     def basis(self):
         """The SCC representations Y (g, F)."""
         return gcn(self.X, self.A_hat, self.W1, self.W2)
 
     def image_scores(self, regions, Y):
-        return concept_scores(aggregate(self.query_v(regions)), self.W_v, Y, self.lam, self.cosine)
+        return concept_scores(self.norm_v(aggregate(self.query_v(regions))), self.W_v, Y, self.lam, self.scaled)
 
     def text_scores(self, e, mask, Y):
-        return concept_scores(aggregate(self.query_w(e), mask), self.W_w, Y, self.lam, self.cosine)
+        return concept_scores(self.norm_w(aggregate(self.query_w(e), mask)), self.W_w, Y, self.lam, self.scaled)
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
@@ -510,14 +520,14 @@ class MemoryBank(nn.Module):
 
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
-                 concept_lambda=3.0, n_prototypes=0, bank_size=0, concept_cosine=True):
+                 concept_lambda=2.0, n_prototypes=0, bank_size=0, query_norm=True):
         super().__init__()
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
         # drawn on a fork of the RNG: the branches a flag adds do not shift the dropout masks of training,
         # so one seed gives every ablation the same instance branch, batches and masks (paired runs)
         with torch.random.fork_rng(devices=[]):
-            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, concept_cosine, feat_dim,
+            self.concepts = ConceptBranch(n_concepts, concept_dim, embed_size, concept_lambda, query_norm, feat_dim,
                                           self.text_encoder.bert.config.hidden_size) if n_concepts else None
             self.prototypes = nn.Linear(embed_size, n_prototypes, bias=False) if n_prototypes else None  # P^C, Eq. 7
         self.bank_size = bank_size
@@ -588,29 +598,24 @@ def diversity(sim, eps=0.1, negatives=None):
     return div / div.max()
 
 
-def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="printed"):
+def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="unscaled"):
     """One direction of Eq. 4 (div None) / Eq. 5: rows are anchors, the positive S_nn is on the
     diagonal, `negatives` (default q != n) marks the columns summed over.
+    unscaled: 1/N sum_n [ mu log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
+    hal:      the same with - log(relu(S_nn) + 1)
     printed:  mu/N sum_n [ log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
-    unscaled: the same with the positive term not multiplied by mu
-    relative: mu/N sum_n log(sum_{q!=n} exp((S_nq - S_nn + gamma) / (mu div_n)) + 1)
-    The default is relative: as printed, the positive's pull is a tenth of the negatives' push and a constant
-    S is a stationary point (-28 test rsum on Table 2 #2; README, "What the CODER investigation found")."""
+    Eq. 4 is HAL's loss (its reference [33]; mu = 1/alpha, gamma = eps), whose code and USER's divide only the
+    negative term by alpha: the mu before the bracket is read as a slip. HAL's relu is left out, as the paper
+    prints: at mu = 0.1 it stops the pull of every positive below 0 and the whole model collapses (README)."""
     negatives = off_diagonal(sim) if negatives is None else negatives
     temperature = mu if div is None else mu * div[:, None]
-    positive_sim = sim.diagonal()
-    if positive == "relative":
-        logits = (sim - positive_sim[:, None] + gamma) / temperature
-    else:
-        logits = (sim - gamma) / temperature
-    log_sum_neg = torch.logsumexp(logits.masked_fill(~negatives, float("-inf")), dim=1)
-    negative_term = F.softplus(log_sum_neg)  # softplus(x) = log(e^x + 1)
-    if positive == "relative":
-        return mu * negative_term.mean()
+    logits = ((sim - gamma) / temperature).masked_fill(~negatives, float("-inf"))
+    negative_term = F.softplus(torch.logsumexp(logits, dim=1))  # softplus(x) = log(e^x + 1)
+    positive_sim = sim.diagonal().clamp(min=0) if positive == "hal" else sim.diagonal()
     positive_term = torch.log((positive_sim + 1).clamp(min=1e-6))
-    if positive == "unscaled":
-        return (mu * negative_term - positive_term).mean()
-    return mu * (negative_term - positive_term).mean()
+    if positive == "printed":
+        return mu * (negative_term - positive_term).mean()
+    return (mu * negative_term - positive_term).mean()
 
 
 def triplet_loss(sim, margin=0.2, negatives=None):
@@ -978,7 +983,7 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
-                      bank_size=args.bank_size if args.bank else 0, concept_cosine=args.concept_cosine)
+                      bank_size=args.bank_size if args.bank else 0, query_norm=args.query_norm)
     model = CODER(**model_args)
     model.text_encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:
