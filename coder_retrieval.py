@@ -143,8 +143,8 @@ def build_parser():
 
 
 CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
-               "concept_lambda", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update", "epochs",
-               "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
+               "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
+               "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
 
 
 def parse_args(argv=None):
@@ -444,7 +444,7 @@ class ConceptBranch(nn.Module):
         self.W_v, self.W_w = nn.Parameter(torch.eye(embed_size)), nn.Parameter(torch.eye(embed_size))
         self.lam = concept_lambda
         # the queries standardised over the batch: aggregated regions (post-ReLU) and BERT states share one dominant
-        # direction, and without this every image attends the same concept from the first step (1 of 58 on the toy world)
+        # direction, so that without it all images attend the same concept from the start (2 of 103 on the toy world, 76 with)
         self.norm_v, self.norm_w = ((nn.BatchNorm1d(embed_size, affine=False), nn.BatchNorm1d(embed_size, affine=False))
                                     if query_norm else (nn.Identity(), nn.Identity()))
 
@@ -820,7 +820,8 @@ def setup_ddp():
 
 def wrap_ddp(model, device):
     """Gradients averaged over ranks. The queues are kept equal by gathering the keys, so buffers are not
-    re-broadcast at every forward (32 MB a step for COCO's banks)."""
+    re-broadcast at every forward (32 MB a step for COCO's banks); the running statistics of Eq. 2's query norm
+    follow each rank's own batches, and rank 0's are saved and used at evaluation."""
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})  # the older name
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)

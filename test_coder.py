@@ -998,7 +998,8 @@ def test_two_rank_training_keeps_models_queues_and_prototype_labels_identical(ru
     run_ranks(coder_train_rank, argv, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, value in ranks[0]["state"].items():  # weights, momentum copies, both queues and pointers
-        assert torch.equal(ranks[1]["state"][name], value), name
+        if "running_" not in name:  # BatchNorm's statistics: each rank's own batches; rank 0's are saved and evaluated
+            assert torch.equal(ranks[1]["state"][name], value), name
     assert torch.equal(ranks[0]["labels"], ranks[1]["labels"]) and (ranks[0]["labels"] >= 0).all()
     # 300 pairs / 16 a step = 18 steps of 16 keys per epoch: 40 slots all filled, pointer at 36 * 16 % 40
     state = ranks[0]["state"]
