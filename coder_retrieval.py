@@ -119,7 +119,7 @@ def build_parser():
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
-    add("--concept-lambda", type=float, default=2.0, help="softmax sharpness lambda of Eq. 2 (the paper gives none), "
+    add("--concept-lambda", type=float, default=1.0, help="softmax sharpness lambda of Eq. 2 (the paper gives none), "
         "in units of sqrt(F) with --query-norm")
     add("--query-norm", action=switch, default=True, help="Eq. 2's queries batch-standardised and compared by "
         "cosine x sqrt(F) (see concept_scores); off: q^T W y as printed")
@@ -520,7 +520,7 @@ class MemoryBank(nn.Module):
 
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
-                 concept_lambda=2.0, n_prototypes=0, bank_size=0, query_norm=True):
+                 concept_lambda=1.0, n_prototypes=0, bank_size=0, query_norm=True):
         super().__init__()
         self.image_encoder = ImageEncoder(feat_dim, embed_size)
         self.text_encoder = TextEncoder(text_config, embed_size)
