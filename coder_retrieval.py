@@ -412,8 +412,8 @@ def gcn(X, A_hat, W1, W2):
 
 
 def concept_scores(query, W, Y, lam, scaled=False):
-    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. `scaled` (the default) L2-normalises the
-    projected query and multiplies it by sqrt(F): a logit then has unit variance at initialisation whatever F and g
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. `scaled` (--query-norm, the script's
+    default) L2-normalises the projected query and multiplies it by sqrt(F): a logit then has unit variance at initialisation whatever F and g
     (as in scaled dot-product attention) and lam alone sets the sharpness; as printed, q^T W y grows until the
     softmax is one-hot."""
     query = query @ W
@@ -444,7 +444,7 @@ class ConceptBranch(nn.Module):
         self.W_v, self.W_w = nn.Parameter(torch.eye(embed_size)), nn.Parameter(torch.eye(embed_size))
         self.lam = concept_lambda
         # the queries standardised over the batch: aggregated regions (post-ReLU) and BERT states share one dominant
-        # direction, so that without it all images attend the same concept from the start (2 of 103 on the toy world, 76 with)
+        # direction, and without it all images attend the same concept from the start (2 of 103 on the toy world)
         self.norm_v, self.norm_w = ((nn.BatchNorm1d(embed_size, affine=False), nn.BatchNorm1d(embed_size, affine=False))
                                     if query_norm else (nn.Identity(), nn.Identity()))
 
