@@ -40,7 +40,7 @@ from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_imag
 
 # --- Configuration ------------------------------------------------------------------------------------
 # Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (github.com/doubledaibo/
-# clcaption_nips2017). The toy world (~40x smaller than COCO, 75 words) replaces a few, chosen on its dev
+# clcaption_nips2017). The toy world (~40x smaller than COCO, 121 words) replaces a few, chosen on its dev
 # split: at the MLE rate 4e-4 small nets take >12 epochs to use the image (2e-3: 3); CL's 1e-6 barely moves
 # them; dropout in the target alone biases G = ln p_m - ln p_n below 0, so CL acts like more MLE.
 TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: one is fastest
