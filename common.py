@@ -187,8 +187,8 @@ def prepare_data(dataset, data_root=None):
 # --- The toy world ---------------------------------------------------------------------------
 # A small synthetic world in the real layout, built so that the papers' effects can show. A place draws
 # the scene's objects (a beach: surfers, kites, dogs), the main one draws its companions (a dog: a
-# frisbee); 40% of the other objects are weak in the features (small, occluded; ~41% of COCO's boxes are
-# small) though captions name them. Captions range from generic (shared content, varied wording) to detailed.
+# frisbee); 40% of the other objects are weak in the features (small, occluded) though captions name
+# them. Captions range from generic (shared content, varied wording) to detailed.
 
 CATEGORIES = [  # (nouns used interchangeably in captions)
     ("man", "guy", "gentleman"), ("woman", "lady"), ("child", "kid"),
