@@ -10,7 +10,7 @@ makes its captions more distinctive: better at retrieving their own image (self-
     torchrun --nproc_per_node=8 cl_captioning.py --dataset coco     # the same on 8 GPUs
 
 Read top to bottom: configuration, data, the two captioners (Sec. 5.1), MLE (Eq. 1), contrastive
-learning (Sec. 4.2), evaluation (Sec. 4.1, 5), training infrastructure, the training loop, main.
+learning (Sec. 4.2), evaluation (Sec. 4.1, 5), the training loop, main; then an appendix of plumbing.
 """
 import argparse
 import contextlib
@@ -356,35 +356,6 @@ def standardize_features(model, features, n=2000):
 CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
 
-def captioner_record(model):
-    """What rebuilds the model from the file alone: its class, constructor arguments and weights."""
-    return {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
-
-
-def load_captioner(path, vocab, feat_dim, device, dataset):
-    """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
-    ckpt = load_checkpoint(path)
-    record = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"), dict)
-            and isinstance(record.get("state"), dict) and isinstance(ckpt.get("vocab"), list)):
-        raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
-    if record["kwargs"].get("feat_dim") != feat_dim:
-        raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
-                        f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
-    saved_vocab = Vocab(ckpt["vocab"])
-    if saved_vocab != vocab:
-        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
-                        f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
-    try:
-        model = CAPTIONERS[record["kind"]](**record["kwargs"])
-        model.load_state_dict(record["state"])
-    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
-        raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
-    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
-        raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
-    return model.to(device), ckpt
-
-
 # --- Maximum likelihood (Eq. 1) --------------------------------------------------------------------
 
 def mle_loss(log_probs, captions):
@@ -433,6 +404,511 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
 
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
+
+def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
+    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t. Recall@k (in %) of
+    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
+    Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
+    scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
+    logp = torch.as_tensor(logp)
+    n = len(logp)
+    own = logp.diagonal()[:, None]
+    other = ~torch.eye(n, dtype=torch.bool)
+    rank = (~(logp < own) & other).sum(1)  # ~(x < own): x >= own, or either is NaN
+    rank[own[:, 0].isnan()] = n  # beyond every k
+    return {f"R@{k}": 100.0 * (rank < min(k, n)).double().mean().item() for k in ks}
+
+
+def encode_images(model, features, ids, device, chunk=500):
+    """Encoded memory of many images, read from the memory map a chunk at a time."""
+    parts = [model.encode(image_batch(features, ids[i:i + chunk], device)) for i in range(0, len(ids), chunk)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+@torch.no_grad()
+def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
+    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward:
+    a block of captions against all N images, or, when N is larger, one caption against a block of
+    images. Memory stays fixed as N grows (the (N, N) result aside, held on the host): the encoded
+    images and one forward's (pairs, words, vocabulary) log-probs."""
+    model.eval()
+    memory = encode_images(model, features, ids, device)
+    n = len(ids)
+    image_block = min(n, pairs_per_forward)
+    caption_block = max(1, pairs_per_forward // image_block)
+    logp = torch.empty(n, n)
+    for start in range(0, n, caption_block):
+        block_captions = captions[start:start + caption_block]
+        block_captions = block_captions[:, :used_length(block_captions)].to(device)  # no steps past its <eos>
+        for image_start in range(0, n, image_block):
+            images = torch.arange(image_start, min(image_start + image_block, n), device=device)
+            logp[start:start + caption_block, image_start:image_start + len(images)] = model.log_prob_encoded(
+                memory, block_captions.repeat_interleave(len(images), 0), images.repeat(len(block_captions))
+            ).reshape(-1, len(images)).float().cpu()
+    return logp
+
+
+@torch.no_grad()
+def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
+    model.eval()
+    return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
+                      for i in range(0, len(ids), batch)])
+
+
+def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
+    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first
+    --retrieval-images. With results_file the captions are written in the COCO results format and scored
+    from that file."""
+    ids = np.arange(len(features))
+    generated = generate_captions(model, features, ids, args, device, args.beam_size)
+    candidates = [vocab.decode(c) for c in generated.tolist()]
+    references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
+    results = coco_results(candidates, image_ids)
+    if results_file is not None:
+        Path(results_file).write_text(json.dumps(results))
+        results = Path(results_file)
+    scores = caption_metrics(coco_ground_truth(references, image_ids), results)
+    n = min(args.retrieval_images, len(ids))
+    if n > 0:
+        logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
+        scores.update(self_retrieval_recall(logp))
+    return scores, candidates
+
+
+def validate(model, dev, vocab, args, device):
+    """Per-epoch model selection on the dev split: CIDEr of greedy captions (and, if asked, R@1)."""
+    from pycocoevalcap.cider.cider import Cider
+    features, captions = dev
+    ids = np.arange(min(args.val_images, len(features)))
+    generated = generate_captions(model, features, ids, args, device)
+    references = {i: [" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids}
+    return float(Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0])
+
+
+# --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
+
+def own_images(n_images, device):
+    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
+    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
+
+
+def negative_captions(captions, global_ids, mine, K, seed, step):
+    """K rounds of captions c_/t of other images (K, 5B, T), fresh every step, reproducible from (seed, step);
+    drawn for the global batch, the same on every rank, each rank taking its own columns (Sec. 4.2)."""
+    neg_ids = sample_negatives(global_ids, len(captions), K, np.random.default_rng([seed, step]))
+    return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
+
+
+def optimizer_step(target, optimizer, loss, grad_clip):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
+    optimizer.step()
+
+
+def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
+    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
+    rank trains on its share of every global batch of batch_images x world_size images (`keep`: the
+    images trained on); rank 0 alone validates, prints and saves while the others wait."""
+    rank, world_size, device = setup_ddp()
+    (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
+        model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    state = (target, reference, optimizer, vocab, args)
+    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
+                          best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
+                          seconds=0.0, kept=f"nothing saved yet in {out_dir}",
+                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
+                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
+                                                    (args.batch_images * world_size)))
+    if args.resume:
+        resume(args, run, target, reference, optimizer)
+    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            target.train()
+            for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
+                ids = global_ids[mine]
+                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
+                with autocast:
+                    if reference is None:
+                        pos, = on_device(device, pos)
+                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
+                    else:
+                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)  # Sec. 4.2
+                        pos, neg = on_device(device, pos, neg)
+                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
+                optimizer_step(target, optimizer, loss, args.grad_clip)
+                run.step += 1
+                if after_step(run, loss, len(ids), args, epoch, state):  # progress, last.pt; True at --max-steps
+                    save_last(run, epoch, *state)
+                    return finish(run)
+            end_of_epoch(run, epoch, dev, state)  # dev CIDEr, best.pt, reference replacement, last.pt
+    except KeyboardInterrupt:
+        save_last(run, epoch, *state)
+        if rank == 0:
+            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
+        raise SystemExit(130)
+    return finish(run)
+
+
+# --- Main ---------------------------------------------------------------------------------------------
+
+def captioners(args, vocab, train_features, device):
+    """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
+    feat_dim = train_features.shape[2]
+    if args.stage == "mle":
+        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
+        return standardize_features(target, train_features).to(device), None
+    reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
+    target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
+    if args.target_dropout is not None:
+        target.dropout.p = target.kwargs["dropout"] = args.target_dropout
+    shape = lambda m: (m.kind, {k: v for k, v in m.kwargs.items() if k != "dropout"})
+    if args.replace_ref_every and shape(target) != shape(reference):
+        raise DataError("--replace-ref-every needs target and reference of the same architecture")
+    return target, reference
+
+
+def test_report(args, best_path, test, vocab, device):
+    """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
+    split, n = captioning_test_split(args.dataset), len(test[0])
+    image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
+    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
+            f"{scores_note()})"
+    score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
+                                                *test, vocab, args, device, image_ids, results)
+    target_scores, target_captions = score(best_path, results_path(best_path, split))
+    if args.stage == "mle" or args.eval:
+        print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
+        print(f"\ncaptions in COCO results format: {results_path(best_path, split)}")
+        if not args.eval:
+            data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
+                f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
+            print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
+                  f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
+        return target_scores
+    columns = {"reference": score(args.ref)}  # the reference as it was before training
+    if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
+        columns["target before CL"] = score(args.init)
+    columns["CL target"] = target_scores, target_captions
+    print_table({name: scores for name, (scores, _) in columns.items()}, title)
+    print(f"\nexamples (Figure 2): the first {args.examples} test images")
+    for i in range(min(args.examples, n)):
+        print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
+              f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
+    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
+    return {"reference": columns["reference"][0], "target": target_scores}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = prepare_data(args.dataset, args.data_root)
+    train_features, train_text = load_split(root, "train")
+    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
+    test = load_split(root, captioning_test_split(args.dataset))
+    finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
+    per_caption, rounds = (args.max_words + 1) * len(vocab) * 4, 1 + args.K * (args.stage == "cl")  # bytes of log-probs
+    require_memory(per_caption * rounds * CAPS_PER_IMAGE * args.batch_images, f"a step's word log-probs "
+                   f"({args.batch_images} images x 5 captions x {rounds})", device)
+    require_memory(per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
+    if args.eval:
+        return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
+    dev = load_split(root, "dev")
+    for split, features in (("dev", dev[0]), (captioning_test_split(args.dataset), test[0])):
+        if features.shape[2] != train_features.shape[2]:
+            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
+                            f"{train_features.shape[2]}; every split of --data-root must come from one detector")
+    finite_images(dev[0][:args.val_images], "dev")
+    keep = finite_images(train_features, "train", args.skip_nonfinite)
+    target, reference = captioners(args, vocab, train_features, device)
+    out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
+    try:  # fail now, not at the first checkpoint an hour later
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f".write-test-{os.getpid()}").touch()
+        (out_dir / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    release = lock(out_dir) if rank == 0 else (lambda: None)
+    if rank == 0:
+        print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
+              f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
+              f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
+              f"; checkpoints in {out_dir}/")
+    try:
+        best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
+                          dev, vocab, out_dir, keep)
+    finally:
+        release()
+    return test_report(args, best_path, test, vocab, device) if rank == 0 else None
+
+
+# --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, checks, scoring wrappers) ---------
+
+def setup_ddp():
+    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def epoch_order(n_images, seed, epoch, world_size=1):
+    """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
+    --resume replays it. Under DDP it wraps around to a multiple of the world size (as
+    DistributedSampler pads) so that every rank has images in the last batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_images)
+    return np.concatenate([order, order[: -n_images % world_size]])
+
+
+def rank_share(global_ids, rank, world_size):
+    """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
+    return np.array_split(np.arange(len(global_ids)), world_size)[rank]
+
+
+def batches(keep, args, epoch, run):
+    """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
+    order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
+    done = run.step - epoch * run.steps_per_epoch
+    run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
+                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
+                   initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
+    run.tick = time.perf_counter()
+    for start in range(done * global_batch, len(order), global_batch):
+        global_ids = np.sort(order[start:start + global_batch])
+        yield global_ids, rank_share(global_ids, run.rank, run.world_size)
+        run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
+    run.bar.close()
+
+
+def on_device(device, *captions):
+    """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
+    length = max(used_length(c) for c in captions)
+    return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
+
+
+def after_step(run, loss, n_images, args, epoch, state):
+    """The loss kept for the next look, progress, last.pt every --save-every steps; True at --max-steps."""
+    now = time.perf_counter()
+    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
+    run.pending.append((run.step, loss.detach()))
+    if run.step % 25 == 0:  # .item() waits for the device: not every step
+        check_finite_loss(run)
+        run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if args.max_steps and run.step >= args.max_steps:
+        return True
+    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
+    return False
+
+
+def end_of_epoch(run, epoch, dev, state):
+    """Dev CIDEr, best.pt, reference replacement (Sec. 4.3), then last.pt."""
+    target, reference, _, vocab, args = state
+    check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
+    box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    cider = box[0]
+    if cider > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
+        run.best_score = cider
+        run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        if run.rank == 0:
+            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
+    if run.rank == 0:
+        print(f"epoch {epoch + 1}: dev CIDEr {100 * cider:.1f} (best {100 * run.best_score:.1f})")
+    if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
+        reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
+        if run.rank == 0:
+            print("reference replaced by the best target so far")
+    save_last(run, epoch + 1, *state)
+
+
+def finish(run):
+    if run.seen and run.rank == 0:
+        print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
+              (f" over {run.world_size} processes" if run.world_size > 1 else ""))
+    return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
+
+
+def captioner_record(model):
+    """What rebuilds the model from the file alone: its class, constructor arguments and weights."""
+    return {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
+
+
+def checkpoint(run, target, reference, optimizer, vocab, args, epoch, best=False):
+    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have
+    been replaced (Sec. 4.3). best.pt leaves out the RNG states."""
+    ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
+            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
+            "world_size": run.world_size, "reference": captioner_record(reference) if reference else None}
+    return ckpt if best else dict(ckpt, rng=rng_states(run.device))
+
+
+def save_last(run, epoch, *state):
+    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
+    check_finite_loss(run)
+    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
+    if run.rank == 0:
+        save_checkpoint(ckpt, run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt, path):
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
+    leaves the old file or the new one, never a broken one."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
+                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+
+
+def nbytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
+
+
+def lock(out_dir):
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
+    returns what releases it."""
+    path = Path(out_dir) / ".lock"
+    while True:
+        try:
+            with open(path, "x") as f:
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                if pid != os.getpid():
+                    os.kill(pid, 0)  # no error: that process is alive
+                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass
+            path.unlink(missing_ok=True)
+    return lambda: path.unlink(missing_ok=True)
+
+
+def require_memory(nbytes_needed, what, device):
+    """A size that cannot fit is refused before anything is allocated."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if nbytes_needed > total:
+        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                        f"of {device.type}")
+
+
+def load_checkpoint(path):
+    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
+        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
+                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+
+
+def load_captioner(path, vocab, feat_dim, device, dataset):
+    """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
+    ckpt = load_checkpoint(path)
+    record = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"), dict)
+            and isinstance(record.get("state"), dict) and isinstance(ckpt.get("vocab"), list)):
+        raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
+    if record["kwargs"].get("feat_dim") != feat_dim:
+        raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
+                        f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
+    saved_vocab = Vocab(ckpt["vocab"])
+    if saved_vocab != vocab:
+        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
+                        f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
+    try:
+        model = CAPTIONERS[record["kind"]](**record["kwargs"])
+        model.load_state_dict(record["state"])
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
+        raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
+    return model.to(device), ckpt
+
+
+def rng_states(device):
+    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
+    masks the uninterrupted one would. A collective under torchrun."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, state)
+    return states
+
+
+def check_finite_loss(run):
+    """A look at the losses of the steps since the last one, only where the loop waits for the device
+    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
+    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
+    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
+    run.pending.clear()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
+                        f"{run.kept}; try a lower --lr, or check the data")
+
+
+def resume(args, run, target, reference, optimizer):
+    """Go on from last.pt of --out-dir as if never stopped."""
+    ckpt, need = load_checkpoint(run.last), dict(model=dict, args=dict, stage=str, step=int, epoch=int, best_score=float,
+                                                 optimizer=dict, rng=list, world_size=int)
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()):
+        raise DataError(f"{run.last} is not a last.pt written by cl_captioning.py; pass another --out-dir")
+    if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
+        raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
+                        f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
+    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
+                        ("world_size", run.world_size)):  # they fix the order of the batches
+        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
+                            f"{value}; resume with the same")
+    target.load_state_dict(ckpt["model"]["state"])
+    if reference is not None:
+        reference.load_state_dict(ckpt["reference"]["state"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"][run.rank][0])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
+    run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
+    if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
+        run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
+    if run.rank == 0:
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
 
 def captioning_test_split(dataset):
     """The captioning test split: Karpathy's 5,000 COCO test images are SCAN's testall (its test is
@@ -546,76 +1022,6 @@ def caption_metrics(coco, results):
     return scores
 
 
-def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
-    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t. Recall@k (in %) of
-    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
-    Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
-    scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
-    logp = torch.as_tensor(logp)
-    n = len(logp)
-    own = logp.diagonal()[:, None]
-    other = ~torch.eye(n, dtype=torch.bool)
-    rank = (~(logp < own) & other).sum(1)  # ~(x < own): x >= own, or either is NaN
-    rank[own[:, 0].isnan()] = n  # beyond every k
-    return {f"R@{k}": 100.0 * (rank < min(k, n)).double().mean().item() for k in ks}
-
-
-def encode_images(model, features, ids, device, chunk=500):
-    """Encoded memory of many images, read from the memory map a chunk at a time."""
-    parts = [model.encode(image_batch(features, ids[i:i + chunk], device)) for i in range(0, len(ids), chunk)]
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
-@torch.no_grad()
-def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward:
-    a block of captions against all N images, or, when N is larger, one caption against a block of
-    images. Memory stays fixed as N grows (the (N, N) result aside, held on the host): the encoded
-    images and one forward's (pairs, words, vocabulary) log-probs."""
-    model.eval()
-    memory = encode_images(model, features, ids, device)
-    n = len(ids)
-    image_block = min(n, pairs_per_forward)
-    caption_block = max(1, pairs_per_forward // image_block)
-    logp = torch.empty(n, n)
-    for start in range(0, n, caption_block):
-        block_captions = captions[start:start + caption_block]
-        block_captions = block_captions[:, :used_length(block_captions)].to(device)  # no steps past its <eos>
-        for image_start in range(0, n, image_block):
-            images = torch.arange(image_start, min(image_start + image_block, n), device=device)
-            logp[start:start + caption_block, image_start:image_start + len(images)] = model.log_prob_encoded(
-                memory, block_captions.repeat_interleave(len(images), 0), images.repeat(len(block_captions))
-            ).reshape(-1, len(images)).float().cpu()
-    return logp
-
-
-@torch.no_grad()
-def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
-    model.eval()
-    return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
-                      for i in range(0, len(ids), batch)])
-
-
-def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
-    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first
-    --retrieval-images. With results_file the captions are written in the COCO results format and scored
-    from that file."""
-    ids = np.arange(len(features))
-    generated = generate_captions(model, features, ids, args, device, args.beam_size)
-    candidates = [vocab.decode(c) for c in generated.tolist()]
-    references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
-    results = coco_results(candidates, image_ids)
-    if results_file is not None:
-        Path(results_file).write_text(json.dumps(results))
-        results = Path(results_file)
-    scores = caption_metrics(coco_ground_truth(references, image_ids), results)
-    n = min(args.retrieval_images, len(ids))
-    if n > 0:
-        logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
-        scores.update(self_retrieval_recall(logp))
-    return scores, candidates
-
-
 def print_table(columns, title):
     """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
     names = list(columns)
@@ -624,412 +1030,6 @@ def print_table(columns, title):
     for metric in metrics:
         scale = 1 if metric.startswith("R@") else 100
         print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
-
-
-def validate(model, dev, vocab, args, device):
-    """Per-epoch model selection on the dev split: CIDEr of greedy captions (and, if asked, R@1)."""
-    from pycocoevalcap.cider.cider import Cider
-    features, captions = dev
-    ids = np.arange(min(args.val_images, len(features)))
-    generated = generate_captions(model, features, ids, args, device)
-    references = {i: [" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids}
-    return float(Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0])
-
-
-# --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
-
-def setup_ddp():
-    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    cuda = torch.cuda.is_available()
-    if world_size > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-
-
-def save_checkpoint(ckpt, path):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
-    leaves the old file or the new one, never a broken one."""
-    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)  # the rename itself reaches the disk
-        os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
-
-
-def nbytes(obj):
-    """The bytes of the tensors in a (nested) checkpoint."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
-
-
-def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
-    returns what releases it."""
-    path = Path(out_dir) / ".lock"
-    while True:
-        try:
-            with open(path, "x") as f:
-                f.write(str(os.getpid()))
-            break
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-                if pid != os.getpid():
-                    os.kill(pid, 0)  # no error: that process is alive
-                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                pass
-            path.unlink(missing_ok=True)
-    return lambda: path.unlink(missing_ok=True)
-
-
-def require_memory(nbytes_needed, what, device):
-    """A size that cannot fit is refused before anything is allocated."""
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if nbytes_needed > total:
-        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
-                        f"of {device.type}")
-
-
-def load_checkpoint(path):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
-    if not Path(path).is_file():
-        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
-        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
-                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
-
-
-def rng_states(device):
-    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
-    masks the uninterrupted one would. A collective under torchrun."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
-
-
-def check_finite_loss(run):
-    """A look at the losses of the steps since the last one, only where the loop waits for the device
-    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
-    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
-    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
-    run.pending.clear()
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, bad)
-        bad = sorted(sum(everyone, []))[:1]
-    if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
-                        f"{run.kept}; try a lower --lr, or check the data")
-
-
-def checkpoint(run, target, reference, optimizer, vocab, args, epoch, best=False):
-    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have
-    been replaced (Sec. 4.3). best.pt leaves out the RNG states."""
-    ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
-            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
-            "world_size": run.world_size, "reference": captioner_record(reference) if reference else None}
-    return ckpt if best else dict(ckpt, rng=rng_states(run.device))
-
-
-def save_last(run, epoch, *state):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run)
-    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
-    if run.rank == 0:
-        save_checkpoint(ckpt, run.last)
-    run.kept = f"{run.last} keeps step {run.step}"
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resume(args, run, target, reference, optimizer):
-    """Go on from last.pt of --out-dir as if never stopped."""
-    ckpt, need = load_checkpoint(run.last), dict(model=dict, args=dict, stage=str, step=int, epoch=int, best_score=float,
-                                                 optimizer=dict, rng=list, world_size=int)
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()):
-        raise DataError(f"{run.last} is not a last.pt written by cl_captioning.py; pass another --out-dir")
-    if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
-        raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
-                        f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
-    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
-                        ("world_size", run.world_size)):  # they fix the order of the batches
-        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
-                            f"{value}; resume with the same")
-    target.load_state_dict(ckpt["model"]["state"])
-    if reference is not None:
-        reference.load_state_dict(ckpt["reference"]["state"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"][run.rank][0])
-    if run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
-    if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
-        run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
-    if run.rank == 0:
-        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
-
-
-# --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
-
-def epoch_order(n_images, seed, epoch, world_size=1):
-    """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
-    --resume replays it. Under DDP it wraps around to a multiple of the world size (as
-    DistributedSampler pads) so that every rank has images in the last batch."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_images)
-    return np.concatenate([order, order[: -n_images % world_size]])
-
-
-def rank_share(global_ids, rank, world_size):
-    """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
-    return np.array_split(np.arange(len(global_ids)), world_size)[rank]
-
-
-def batches(keep, args, epoch, run):
-    """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
-    order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
-    done = run.step - epoch * run.steps_per_epoch
-    run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
-                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
-                   initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
-    run.tick = time.perf_counter()
-    for start in range(done * global_batch, len(order), global_batch):
-        global_ids = np.sort(order[start:start + global_batch])
-        yield global_ids, rank_share(global_ids, run.rank, run.world_size)
-        run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
-    run.bar.close()
-
-
-def on_device(device, *captions):
-    """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
-    length = max(used_length(c) for c in captions)
-    return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
-
-
-def own_images(n_images, device):
-    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
-    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
-
-def negative_captions(captions, global_ids, mine, K, seed, step):
-    """K rounds of captions c_/t of other images (K, 5B, T), fresh every step, reproducible from (seed, step);
-    drawn for the global batch, the same on every rank, each rank taking its own columns (Sec. 4.2)."""
-    neg_ids = sample_negatives(global_ids, len(captions), K, np.random.default_rng([seed, step]))
-    return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
-
-
-def optimizer_step(target, optimizer, loss, grad_clip):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
-    optimizer.step()
-
-
-def after_step(run, loss, n_images, args, epoch, state):
-    """The loss kept for the next look, progress, last.pt every --save-every steps; True at --max-steps."""
-    now = time.perf_counter()
-    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
-    run.pending.append((run.step, loss.detach()))
-    if run.step % 25 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run)
-        run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if args.max_steps and run.step >= args.max_steps:
-        return True
-    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
-        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
-    return False
-
-
-def end_of_epoch(run, epoch, dev, state):
-    """Dev CIDEr, best.pt, reference replacement (Sec. 4.3), then last.pt."""
-    target, reference, _, vocab, args = state
-    check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
-    box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    cider = box[0]
-    if cider > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
-        run.best_score = cider
-        run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
-        if run.rank == 0:
-            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
-    if run.rank == 0:
-        print(f"epoch {epoch + 1}: dev CIDEr {100 * cider:.1f} (best {100 * run.best_score:.1f})")
-    if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
-        reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
-        if run.rank == 0:
-            print("reference replaced by the best target so far")
-    save_last(run, epoch + 1, *state)
-
-
-def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
-    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
-    rank trains on its share of every global batch of batch_images x world_size images (`keep`: the
-    images trained on); rank 0 alone validates, prints and saves while the others wait."""
-    rank, world_size, device = setup_ddp()
-    (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
-    if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
-        model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    state = (target, reference, optimizer, vocab, args)
-    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
-                          best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
-                          seconds=0.0, kept=f"nothing saved yet in {out_dir}",
-                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
-                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
-                                                    (args.batch_images * world_size)))
-    if args.resume:
-        resume(args, run, target, reference, optimizer)
-    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
-    try:
-        for epoch in range(run.epoch, args.epochs):
-            target.train()
-            for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
-                ids = global_ids[mine]
-                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
-                with autocast:
-                    if reference is None:
-                        pos, = on_device(device, pos)
-                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
-                    else:
-                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)  # Sec. 4.2
-                        pos, neg = on_device(device, pos, neg)
-                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
-                optimizer_step(target, optimizer, loss, args.grad_clip)
-                run.step += 1
-                if after_step(run, loss, len(ids), args, epoch, state):  # progress, last.pt; True at --max-steps
-                    save_last(run, epoch, *state)
-                    return finish(run)
-            end_of_epoch(run, epoch, dev, state)  # dev CIDEr, best.pt, reference replacement, last.pt
-    except KeyboardInterrupt:
-        save_last(run, epoch, *state)
-        if rank == 0:
-            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
-        raise SystemExit(130)
-    return finish(run)
-
-
-def finish(run):
-    if run.seen and run.rank == 0:
-        print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
-              (f" over {run.world_size} processes" if run.world_size > 1 else ""))
-    return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
-
-
-# --- Main ---------------------------------------------------------------------------------------------
-
-def captioners(args, vocab, train_features, device):
-    """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
-    feat_dim = train_features.shape[2]
-    if args.stage == "mle":
-        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
-        return standardize_features(target, train_features).to(device), None
-    reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
-    target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
-    if args.target_dropout is not None:
-        target.dropout.p = target.kwargs["dropout"] = args.target_dropout
-    shape = lambda m: (m.kind, {k: v for k, v in m.kwargs.items() if k != "dropout"})
-    if args.replace_ref_every and shape(target) != shape(reference):
-        raise DataError("--replace-ref-every needs target and reference of the same architecture")
-    return target, reference
-
-
-def test_report(args, best_path, test, vocab, device):
-    """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
-    split, n = captioning_test_split(args.dataset), len(test[0])
-    image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
-    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
-            f"{scores_note()})"
-    score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
-                                                *test, vocab, args, device, image_ids, results)
-    target_scores, target_captions = score(best_path, results_path(best_path, split))
-    if args.stage == "mle" or args.eval:
-        print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
-        print(f"\ncaptions in COCO results format: {results_path(best_path, split)}")
-        if not args.eval:
-            data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
-                f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
-            print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
-                  f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
-        return target_scores
-    columns = {"reference": score(args.ref)}  # the reference as it was before training
-    if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
-        columns["target before CL"] = score(args.init)
-    columns["CL target"] = target_scores, target_captions
-    print_table({name: scores for name, (scores, _) in columns.items()}, title)
-    print(f"\nexamples (Figure 2): the first {args.examples} test images")
-    for i in range(min(args.examples, n)):
-        print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
-              f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
-    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
-    return {"reference": columns["reference"][0], "target": target_scores}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = prepare_data(args.dataset, args.data_root)
-    train_features, train_text = load_split(root, "train")
-    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
-    test = load_split(root, captioning_test_split(args.dataset))
-    finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
-    per_caption, rounds = (args.max_words + 1) * len(vocab) * 4, 1 + args.K * (args.stage == "cl")  # bytes of log-probs
-    require_memory(per_caption * rounds * CAPS_PER_IMAGE * args.batch_images, f"a step's word log-probs "
-                   f"({args.batch_images} images x 5 captions x {rounds})", device)
-    require_memory(per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
-    if args.eval:
-        return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
-    dev = load_split(root, "dev")
-    for split, features in (("dev", dev[0]), (captioning_test_split(args.dataset), test[0])):
-        if features.shape[2] != train_features.shape[2]:
-            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
-                            f"{train_features.shape[2]}; every split of --data-root must come from one detector")
-    finite_images(dev[0][:args.val_images], "dev")
-    keep = finite_images(train_features, "train", args.skip_nonfinite)
-    target, reference = captioners(args, vocab, train_features, device)
-    out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
-    try:  # fail now, not at the first checkpoint an hour later
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f".write-test-{os.getpid()}").touch()
-        (out_dir / f".write-test-{os.getpid()}").unlink()
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
-    release = lock(out_dir) if rank == 0 else (lambda: None)
-    if rank == 0:
-        print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
-              f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
-              f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
-              f"; checkpoints in {out_dir}/")
-    try:
-        best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
-                          dev, vocab, out_dir, keep)
-    finally:
-        release()
-    return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
 
 if __name__ == "__main__":
