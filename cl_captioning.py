@@ -47,6 +47,19 @@ TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: o
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3, "retrieval_images": 500},
     "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500},
 }
+# What each number may be: an integer (lowest, highest), a float its interval (always finite)
+BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12), save_every=(0, 10**12),
+              rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4), min_count=(1, 10**9), beam_size=(1, 10**3),
+              val_images=(1, 10**9), retrieval_images=(0, 10**9), pairs_per_forward=(1, 10**9),
+              replace_ref_every=(0, 10**6), threads=(0, 1024), examples=(0, 10**9), seed=(0, 2**32 - 1),
+              lr="(0, 1]",  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
+              nu="(0, inf)", grad_clip="(0, inf)", dropout="[0, 1)", target_dropout="[0, 1)", beta1="[0, 1)")
+CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
+               "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
+
+
+def refuse(message):
+    raise DataError(f"{message}; see --help")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,10 +70,6 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         toy = [f"{stage.upper()} {values[action.dest]:g}" for stage, values in TOY_OVERRIDES.items()
                if action.dest in values]
         return text + (f" [toy world: {', '.join(toy)}]" if toy else "")
-
-
-def refuse(message):
-    raise DataError(f"{message}; see --help")
 
 
 def build_parser():
@@ -107,43 +116,32 @@ def build_parser():
     return p
 
 
-CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
-               "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
-
-
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    p = build_parser()
+    argv, p = sys.argv[1:] if argv is None else argv, build_parser()
     args = p.parse_args(argv)
-    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
-                                               for arg in argv)}
+    given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     args.stage = "cl" if args.ref else "mle"
-    if args.dataset == "toy":
-        for name, value in TOY_OVERRIDES[args.stage].items():
-            if name not in given:
-                setattr(args, name, value)
+    for name, value in TOY_OVERRIDES[args.stage].items() if args.dataset == "toy" else ():
+        if name not in given:
+            setattr(args, name, value)
     if args.epochs is None:
         args.epochs = 10 if args.stage == "cl" else 30
     if args.lr is None:
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
-    for name, (low, high) in dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12),
-                                  save_every=(0, 10**12), rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4),
-                                  min_count=(1, 10**9), beam_size=(1, 10**3), val_images=(1, 10**9),
-                                  retrieval_images=(0, 10**9),
-                                  pairs_per_forward=(1, 10**9), replace_ref_every=(0, 10**6), threads=(0, 1024),
-                                  examples=(0, 10**9), seed=(0, 2**32 - 1)).items():
-        value = getattr(args, name)
-        if not low <= value <= high:
-            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
-                            f"got {value}")
-    for name in ("lr", "nu", "grad_clip"):
-        if not 0 < getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
-        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
-    for name in ("dropout", "target_dropout", "beta1"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    for name, bounds in BOUNDS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if isinstance(bounds, tuple):  # an integer in [lowest, highest]
+            low, high = bounds
+            if not low <= value <= high:
+                raise DataError(f"{flag} must be at {f'least {low}' if value < low else f'most {high}'}, got {value}")
+        elif value is not None:  # a float: "(0, x]" positive and at most x, "[0, 1)" a probability
+            high = float(bounds[1:-1].split(", ")[1])
+            if bounds[0] == "[" and not 0 <= value < high:
+                raise DataError(f"{flag} must be in {bounds}, got {value}")
+            if bounds[0] == "(" and not 0 < value < math.inf:
+                raise DataError(f"{flag} must be positive and finite, got {value}")
+            if value > high:
+                raise DataError(f"{flag} must be at most {high:g}, got {value:g}")
     return args
 
 
