@@ -152,6 +152,11 @@ def encode_captions(vocab, captions, max_words):
     return vocab.encode_batch(captions, max_words + 1).reshape(-1, CAPS_PER_IMAGE, max_words + 1)
 
 
+def own_images(n_images, device):
+    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
+    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
+
+
 # --- Captioners: NeuralTalk2 / ShowTell and AdaptiveAttention (Sec. 5.1) ---------------------------
 
 def caption_mask(captions):
@@ -393,7 +398,7 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
     per model; each image is encoded once and shared by its (1 + K) * 5 captions."""
     K, n_pos = neg_captions.shape[0], pos_captions.shape[0]
     captions = torch.cat([pos_captions, neg_captions.reshape(K * n_pos, -1)])
-    image_index = torch.arange(feats.shape[0], device=feats.device).repeat_interleave(CAPS_PER_IMAGE).repeat(1 + K)
+    image_index = own_images(feats.shape[0], feats.device).repeat(1 + K)
     logp_target = target(feats, captions, image_index)  # target: the captioner or its DDP wrapper
     with torch.no_grad():  # the reference is frozen (and in eval mode: no dropout)
         logp_ref = reference(feats, captions, image_index)
@@ -485,67 +490,48 @@ def validate(model, dev, vocab, args, device):
 
 # --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
 
-def own_images(n_images, device):
-    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
-    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
-
-def negative_captions(captions, global_ids, mine, K, seed, step):
-    """K rounds of captions c_/t of other images (K, 5B, T), fresh every step, reproducible from (seed, step);
-    drawn for the global batch, the same on every rank, each rank taking its own columns (Sec. 4.2)."""
-    neg_ids = sample_negatives(global_ids, len(captions), K, np.random.default_rng([seed, step]))
-    return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
-
-
-def optimizer_step(target, optimizer, loss, grad_clip):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
-    optimizer.step()
-
-
 def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
-    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
-    rank trains on its share of every global batch of batch_images x world_size images (`keep`: the
-    images trained on); rank 0 alone validates, prints and saves while the others wait."""
+    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each rank
+    trains on its share of every global batch (`keep`: the images trained on); rank 0 alone validates and saves."""
     rank, world_size, device = setup_ddp()
     (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
         model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    state = (target, reference, optimizer, vocab, args)
-    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
-                          best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
-                          seconds=0.0, kept=f"nothing saved yet in {out_dir}",
-                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
-                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
-                                                    (args.batch_images * world_size)))
-    if args.resume:
-        resume(args, run, target, reference, optimizer)
+    run = start_run(args, target, reference, optimizer, vocab, out_dir, keep)  # step, epoch, best; --resume: last.pt's
     autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
     try:
         for epoch in range(run.epoch, args.epochs):
             target.train()
-            for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
+            for global_ids, mine in batches(keep, epoch, run):  # this rank's share of a global batch; resumable
                 ids = global_ids[mine]
                 feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
                 with autocast:
-                    if reference is None:
+                    if reference is None:  # MLE on the 5 ground-truth captions c_t of each image I_t
                         pos, = on_device(device, pos)
                         loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
-                    else:
-                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)  # Sec. 4.2
-                        pos, neg = on_device(device, pos, neg)
-                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
-                optimizer_step(target, optimizer, loss, args.grad_clip)
+                    else:  # CL: K rounds of captions c_/t of other images, drawn alike on every rank (Sec. 4.2)
+                        rng = np.random.default_rng([args.seed, run.step])  # fresh each step, replayed by --resume
+                        neg = captions[sample_negatives(global_ids, len(captions), args.K, rng)[:, mine]]
+                        pos, neg = on_device(device, pos, neg.reshape(args.K, len(pos), -1))
+                        log_probs = contrastive_log_probs(model, reference, feats, pos, neg)  # ln p_m, ln p_n
+                        loss = cl_loss(*log_probs, args.nu, args.terms)  # -J (Eq. 10)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_value_(target.parameters(), args.grad_clip)  # as the authors' code
+                optimizer.step()
                 run.step += 1
-                if after_step(run, loss, len(ids), args, epoch, state):  # progress, last.pt; True at --max-steps
-                    save_last(run, epoch, *state)
+                if after_step(run, loss, len(ids), epoch):  # progress; last.pt every --save-every; True at --max-steps
                     return finish(run)
-            end_of_epoch(run, epoch, dev, state)  # dev CIDEr, best.pt, reference replacement, last.pt
+            keep_best(run, epoch, dev)  # dev CIDEr; best.pt when it is the best so far
+            if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
+                reference.load_state_dict(run.best_state)  # the best target so far becomes the reference (Sec. 4.3)
+                if rank == 0:
+                    print("reference replaced by the best target so far")
+            save_last(run, epoch + 1)
     except KeyboardInterrupt:
-        save_last(run, epoch, *state)
+        save_last(run, epoch)
         if rank == 0:
             print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
         raise SystemExit(130)
@@ -607,19 +593,16 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = prepare_data(args.dataset, args.data_root)
+    root, test_split = prepare_data(args.dataset, args.data_root), captioning_test_split(args.dataset)
     train_features, train_text = load_split(root, "train")
     vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
-    test = load_split(root, captioning_test_split(args.dataset))
-    finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
-    per_caption, rounds = (args.max_words + 1) * len(vocab) * 4, 1 + args.K * (args.stage == "cl")  # bytes of log-probs
-    require_memory(per_caption * rounds * CAPS_PER_IMAGE * args.batch_images, f"a step's word log-probs "
-                   f"({args.batch_images} images x 5 captions x {rounds})", device)
-    require_memory(per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
+    test = load_split(root, test_split)
+    finite_images(test[0], test_split)  # up front: never a table computed from NaN
+    require_memory(args, len(vocab), device)
     if args.eval:
         return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
     dev = load_split(root, "dev")
-    for split, features in (("dev", dev[0]), (captioning_test_split(args.dataset), test[0])):
+    for split, features in (("dev", dev[0]), (test_split, test[0])):
         if features.shape[2] != train_features.shape[2]:
             raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
                             f"{train_features.shape[2]}; every split of --data-root must come from one detector")
@@ -627,13 +610,7 @@ def main(argv=None):
     keep = finite_images(train_features, "train", args.skip_nonfinite)
     target, reference = captioners(args, vocab, train_features, device)
     out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
-    try:  # fail now, not at the first checkpoint an hour later
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f".write-test-{os.getpid()}").touch()
-        (out_dir / f".write-test-{os.getpid()}").unlink()
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
-    release = lock(out_dir) if rank == 0 else (lambda: None)
+    release = lock(out_dir) if rank == 0 else (lambda: None)  # one run per folder; fails now if it is not writable
     if rank == 0:
         print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
               f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
@@ -673,8 +650,9 @@ def rank_share(global_ids, rank, world_size):
     return np.array_split(np.arange(len(global_ids)), world_size)[rank]
 
 
-def batches(keep, args, epoch, run):
+def batches(keep, epoch, run):
     """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
+    args = run.args
     order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
     done = run.step - epoch * run.steps_per_epoch
     run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
@@ -694,41 +672,47 @@ def on_device(device, *captions):
     return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
 
 
-def after_step(run, loss, n_images, args, epoch, state):
-    """The loss kept for the next look, progress, last.pt every --save-every steps; True at --max-steps."""
-    now = time.perf_counter()
+def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
+    """The run in one namespace: what a checkpoint holds and the loop's bookkeeping; --resume takes it from last.pt."""
+    rank, world_size, device = setup_ddp()
+    run = SimpleNamespace(args=args, target=target, reference=reference, optimizer=optimizer, vocab=vocab, rank=rank,
+                          world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf, best_state=None,
+                          last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0, seconds=0.0,
+                          kept=f"nothing saved yet in {out_dir}",
+                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
+                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
+                                                    (args.batch_images * world_size)))
+    if args.resume:
+        resume(run)
+    return run
+
+
+def after_step(run, loss, n_images, epoch):
+    """Speed, the loss kept for the next finite check, progress, last.pt every --save-every steps and at --max-steps
+    (then True)."""
+    now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
-    if run.step % 25 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run)
-        run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if args.max_steps and run.step >= args.max_steps:
-        return True
-    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
-        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
-    return False
+    if run.step % 25 == 0:  # reading the loss waits for the device: not every step
+        run.bar.set_postfix(loss=f"{check_finite_loss(run):.4f}", refresh=False)
+    stop = bool(args.max_steps) and run.step >= args.max_steps
+    if stop or args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
+    return stop
 
 
-def end_of_epoch(run, epoch, dev, state):
-    """Dev CIDEr, best.pt, reference replacement (Sec. 4.3), then last.pt."""
-    target, reference, _, vocab, args = state
+def keep_best(run, epoch, dev):
+    """Dev CIDEr, rank 0's for every rank; best.pt and the best weights when it is the best so far."""
     check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
-    box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
+    box = [validate(run.target, dev, run.vocab, run.args, run.device) if run.rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
-    cider = box[0]
-    if cider > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
-        run.best_score = cider
-        run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
+    if box[0] > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
+        run.best_score, run.best_state = box[0], {k: v.detach().clone() for k, v in run.target.state_dict().items()}
         if run.rank == 0:
-            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
+            save_checkpoint(checkpoint(run, epoch + 1), run.best)
     if run.rank == 0:
-        print(f"epoch {epoch + 1}: dev CIDEr {100 * cider:.1f} (best {100 * run.best_score:.1f})")
-    if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
-        reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
-        if run.rank == 0:
-            print("reference replaced by the best target so far")
-    save_last(run, epoch + 1, *state)
+        print(f"epoch {epoch + 1}: dev CIDEr {100 * box[0]:.1f} (best {100 * run.best_score:.1f})")
 
 
 def finish(run):
@@ -743,19 +727,20 @@ def captioner_record(model):
     return {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
 
 
-def checkpoint(run, target, reference, optimizer, vocab, args, epoch, best=False):
-    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have
-    been replaced (Sec. 4.3). best.pt leaves out the RNG states."""
-    ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
-            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
-            "world_size": run.world_size, "reference": captioner_record(reference) if reference else None}
-    return ckpt if best else dict(ckpt, rng=rng_states(run.device))
+def checkpoint(run, epoch):
+    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have been replaced
+    (Sec. 4.3)."""
+    return {"model": captioner_record(run.target), "vocab": run.vocab.itos, "args": vars(run.args),
+            "stage": run.args.stage, "step": run.step, "epoch": epoch, "best_score": run.best_score,
+            "optimizer": run.optimizer.state_dict(), "world_size": run.world_size,
+            "reference": captioner_record(run.reference) if run.reference else None}
 
 
-def save_last(run, epoch, *state):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
+def save_last(run, epoch):
+    """last.pt with every rank's RNG states, after a look at the losses since the last save (never save what a NaN
+    made)."""
     check_finite_loss(run)
-    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
+    ckpt = dict(checkpoint(run, epoch), rng=rng_states(run.device))  # a collective under torchrun: on every rank
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
     run.kept = f"{run.last} keeps step {run.step}"
@@ -785,59 +770,74 @@ def save_checkpoint(ckpt, path):
 
 def nbytes(obj):
     """The bytes of the tensors in a (nested) checkpoint."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
+    obj = list(obj.values()) if isinstance(obj, dict) else obj
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 
 def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
-    returns what releases it."""
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over). Writing it
+    proves the folder writable now, not at the first checkpoint an hour later. Returns what releases it."""
     path = Path(out_dir) / ".lock"
-    while True:
-        try:
-            with open(path, "x") as f:
-                f.write(str(os.getpid()))
-            break
-        except FileExistsError:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
             try:
-                pid = int(path.read_text() or 0)
-                if pid != os.getpid():
-                    os.kill(pid, 0)  # no error: that process is alive
-                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                pass
-            path.unlink(missing_ok=True)
-    return lambda: path.unlink(missing_ok=True)
+                with open(path, "x") as f:
+                    f.write(str(os.getpid()))
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text() or 0)
+                    if pid != os.getpid():
+                        os.kill(pid, 0)  # no error: that process is alive
+                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    pass
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
 
 
-def require_memory(nbytes_needed, what, device):
-    """A size that cannot fit is refused before anything is allocated."""
+def require_memory(args, vocab_size, device):
+    """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if nbytes_needed > total:
-        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
-                        f"of {device.type}")
+    per_caption, rounds = (args.max_words + 1) * vocab_size * 4, 1 + args.K * (args.stage == "cl")  # float32 bytes
+    for needed, what in ((per_caption * rounds * CAPS_PER_IMAGE * args.batch_images,
+                          f"a step's word log-probs ({args.batch_images} images x 5 captions x {rounds})"),
+                         (per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}")):
+        if needed > total:
+            raise DataError(f"{what} would need {needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                            f"of {device.type}")
 
 
-def load_checkpoint(path):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+# What a checkpoint holds: --ref, --init and --eval need its model record and vocabulary, --resume all of it
+CHECKPOINT = dict(model=dict, vocab=list, args=dict, stage=str, step=int, epoch=int, best_score=float, optimizer=dict,
+                  world_size=int, rng=list)
+
+
+def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.py"):
+    """A checkpoint read safely (weights_only=True never runs code from a file); with `need`, one that holds those
+    keys of CHECKPOINT with their types and a model record of a captioner of this script, else it is not `what`."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+    record = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if need and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"),
+                     dict) and isinstance(record.get("state"), dict) and all(isinstance(ckpt.get(k), CHECKPOINT[k])
+                                                                            for k in need)):
+        raise DataError(f"{path} is not {what}")
+    return ckpt
 
 
 def load_captioner(path, vocab, feat_dim, device, dataset):
     """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
-    ckpt = load_checkpoint(path)
-    record = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"), dict)
-            and isinstance(record.get("state"), dict) and isinstance(ckpt.get("vocab"), list)):
-        raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
+    ckpt = load_checkpoint(path, need=("model", "vocab"))
+    record = ckpt["model"]
     if record["kwargs"].get("feat_dim") != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
@@ -866,8 +866,8 @@ def rng_states(device):
 
 
 def check_finite_loss(run):
-    """A look at the losses of the steps since the last one, only where the loop waits for the device
-    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
+    """A look at the losses of the steps since the last one, only where the loop waits for the device anyway: a NaN
+    or inf stops every rank with one line, before anything is saved from it. Returns the latest loss."""
     values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
     bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
     run.pending.clear()
@@ -878,31 +878,29 @@ def check_finite_loss(run):
     if bad:
         raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
                         f"{run.kept}; try a lower --lr, or check the data")
+    return values[-1] if values else math.nan
 
 
-def resume(args, run, target, reference, optimizer):
+def resume(run):
     """Go on from last.pt of --out-dir as if never stopped."""
-    ckpt, need = load_checkpoint(run.last), dict(model=dict, args=dict, stage=str, step=int, epoch=int, best_score=float,
-                                                 optimizer=dict, rng=list, world_size=int)
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()):
-        raise DataError(f"{run.last} is not a last.pt written by cl_captioning.py; pass another --out-dir")
-    if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
-        raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
-                        f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
+    args, ckpt = run.args, load_checkpoint(run.last, CHECKPOINT, "a last.pt written by cl_captioning.py; pass another --out-dir")
+    model, saved = ckpt["model"], dict(ckpt["args"], world_size=ckpt["world_size"])
+    if ckpt["stage"] != args.stage or model["kind"] != run.target.kind or model["kwargs"] != run.target.kwargs:
+        raise DataError(f"{run.last} holds another run ({ckpt['stage']}, {model['kind']} {model['kwargs']}); resume "
+                        f"with the flags of that run, or another --out-dir")
     for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
                         ("world_size", run.world_size)):  # they fix the order of the batches
-        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
-                            f"{value}; resume with the same")
-    target.load_state_dict(ckpt["model"]["state"])
-    if reference is not None:
-        reference.load_state_dict(ckpt["reference"]["state"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+        if saved.get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+    run.target.load_state_dict(model["state"])
+    if run.reference is not None:
+        run.reference.load_state_dict(ckpt["reference"]["state"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"][run.rank][0])
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
     run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
-    if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
+    if run.reference is not None and args.replace_ref_every and run.best_score > -math.inf:
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
