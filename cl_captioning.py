@@ -9,20 +9,13 @@ makes its captions more distinctive: better at retrieving their own image (self-
     python cl_captioning.py --eval runs/cl-showtell-toy/best.pt     # test table of a checkpoint
     torchrun --nproc_per_node=8 cl_captioning.py --dataset coco     # the same on 8 GPUs
 
-Read top to bottom: configuration, data, the two captioners (Sec. 5.1), MLE (Eq. 1), contrastive
-learning (Sec. 4.2), evaluation (Sec. 4.1, 5), the training loop, main; then an appendix of plumbing.
+The paper in the file, top to bottom: the captioners of Sec. 5.1 (ShowTell, AdaptiveAttention); MLE, Eq. 1
+(mle_loss); G, Eq. 7 (log_ratio); -J with r_nu, Eq. 3, 8-10 (cl_loss; --nu; --terms: Table 4); the mismatched
+captions c_/t of Sec. 4.2 (sample_negatives); self-retrieval, Sec. 4.1 (self_retrieval_recall); the training
+step (train) with reference replacement, Sec. 4.3 (--replace-ref-every); Table 5's --init; main. Then an
+appendix of plumbing: torchrun, checkpoints and resume, the lock, checks, COCO scoring.
 """
-import argparse
-import contextlib
-import functools
-import io
-import json
-import math
-import os
-import shlex
-import shutil
-import sys
-import time
+import argparse, contextlib, functools, io, json, math, os, shlex, shutil, sys, time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,11 +50,6 @@ BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_step
 CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
                "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
 
-
-def refuse(message):
-    raise DataError(f"{message}; see --help")
-
-
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
 
@@ -71,11 +59,12 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
                if action.dest in values]
         return text + (f" [toy world: {', '.join(toy)}]" if toy else "")
 
-
 def build_parser():
+    def refuse(message):  # argparse's own errors end in one line too
+        raise DataError(f"{message}; see --help")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
                                 usage="%(prog)s [flags]")
-    p.error = refuse  # argparse's own errors end in one line too
+    p.error = refuse
     add = p.add_argument
     add("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -115,7 +104,6 @@ def build_parser():
     add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
 
-
 def parse_args(argv=None):
     argv, p = sys.argv[1:] if argv is None else argv, build_parser()
     args = p.parse_args(argv)
@@ -151,7 +139,6 @@ def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
     return vocab.encode_batch(captions, max_words + 1).reshape(-1, CAPS_PER_IMAGE, max_words + 1)
 
-
 def own_images(n_images, device):
     """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
     return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
@@ -164,13 +151,10 @@ def caption_mask(captions):
     is_eos = (captions == EOS).long()
     return (is_eos.cumsum(1) - is_eos) == 0
 
-
 def used_length(captions):
-    """Columns up to the longest caption's <eos> (the rest is padding), computed on the host so that
-    cutting a batch to it never makes the GPU wait."""
+    """Columns up to the longest caption's <eos> (the rest is padding), on the host: cutting never waits for a GPU."""
     is_eos = np.asarray(captions) == EOS
     return int(np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, is_eos.shape[-1]).max())
-
 
 class Captioner(nn.Module):
     """What both captioners share: p(c|I) and decoding, written once over encode / init_state / step."""
@@ -211,13 +195,11 @@ class Captioner(nn.Module):
 
     def greedy(self, feats, max_len):
         """Most probable next word at each step: (captions (B, max_len), their log p(c|I) (B,))."""
-        memory = self.encode(feats)
+        memory, batch, device = self.encode(feats), feats.shape[0], feats.device
         state = self.init_state(memory)
-        batch = feats.shape[0]
-        words = torch.full((batch,), BOS, dtype=torch.long, device=feats.device)
-        captions = torch.full((batch, max_len), PAD, dtype=torch.long, device=feats.device)
-        total = torch.zeros(batch, device=feats.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=feats.device)
+        words = torch.full((batch,), BOS, dtype=torch.long, device=device)
+        captions = torch.full((batch, max_len), PAD, dtype=torch.long, device=device)
+        total, done = torch.zeros(batch, device=device), torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_len):
             log_probs, allowed, state = self.next_word_log_probs(memory, words, state)
             words = allowed.argmax(1)
@@ -231,11 +213,9 @@ class Captioner(nn.Module):
     def beam_search(self, feats, beam_size, max_len):
         """The beam_size best partial captions per image kept at every step, all images at once;
         a finished caption keeps its score and competes with the unfinished ones to the end."""
-        memory = self.encode(feats)
-        batch, k = feats.shape[0], beam_size
-        memory = tuple(m.repeat_interleave(k, 0) for m in memory)
+        batch, k, device = feats.shape[0], beam_size, feats.device
+        memory = tuple(m.repeat_interleave(k, 0) for m in self.encode(feats))
         state = self.init_state(memory)
-        device = feats.device
         scores = torch.zeros(batch, k, device=device)
         scores[:, 1:] = -math.inf  # the k beams start identical: expand only the first
         words = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
@@ -263,10 +243,9 @@ class Captioner(nn.Module):
     def generate(self, feats, beam_size, max_len):
         return self.greedy(feats, max_len) if beam_size == 1 else self.beam_search(feats, beam_size, max_len)
 
-
 class ShowTell(Captioner):
-    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of
-    its regions), projected, is the LSTM's first input; <bos> and the words follow."""
+    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of its regions),
+    projected, is the LSTM's first input; <bos> and the words follow."""
     kind = "showtell"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -292,7 +271,6 @@ class ShowTell(Captioner):
         previous = torch.cat([torch.full_like(captions[:, :1], BOS), captions[:, :-1]], 1)
         out, _ = self.lstm(torch.cat([memory[0].unsqueeze(1), self.word_embed(previous)], 1))
         return F.log_softmax(self.classifier(self.dropout(out[:, 1:])), -1)
-
 
 class AdaptiveAttention(Captioner):
     """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; a visual sentinel
@@ -344,17 +322,14 @@ class AdaptiveAttention(Captioner):
             steps.append(log_probs)
         return torch.stack(steps, 1)
 
-
 def standardize_features(model, features, n=2000):
-    """Per-dimension mean and std of region features over (up to n) training images, frozen into the
-    model: what varies between images then has unit scale from the first step (a frozen BatchNorm,
-    as self-critical.pytorch's --use_bn). Without it the toy world's captioners ignore the image."""
+    """Per-dimension mean and std of region features over (up to n) training images, frozen into the model (a frozen
+    BatchNorm, as self-critical.pytorch's --use_bn): without it the toy world's captioners ignore the image."""
     sample = torch.from_numpy(np.array(features[:n], dtype=np.float32)).flatten(0, 1)
     sample = sample[torch.isfinite(sample).all(1)]  # a NaN image is reported by the training loop, not spread
     model.feat_mean.copy_(sample.mean(0))
     model.feat_std.copy_(sample.std(0).clamp_min(1e-6))
     return model
-
 
 CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
@@ -372,7 +347,6 @@ def log_ratio(log_p_target, log_p_ref):
     """G((c, I); theta, phi) = ln p_m(c|I, theta) - ln p_n(c|I, phi)   (Eq. 7)."""
     return log_p_target - log_p_ref
 
-
 def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0, terms="both"):
     """-J(theta) (Eq. 10) for T_m positives (shape (B,)) and K rounds of negatives (shape (K, B)).
     h = r_nu(G) = sigmoid(G - ln nu) (Eq. 3, 8); ln h and ln(1 - h) = logsigmoid(-(G - ln nu)) (Eq. 9).
@@ -383,7 +357,6 @@ def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0
     J = {"both": positive + negative, "pos": positive, "neg": negative}[terms]
     return -J
 
-
 def sample_negatives(image_ids, n_images, K, rng):
     """K rounds of mismatched images (K, B): for image I_t, one whose captions form c_/t in C_/I_t
     (Sec. 4.2). Offsets 1..N-1 make it uniform over the *other* images of the split, never I_t."""
@@ -391,7 +364,6 @@ def sample_negatives(image_ids, n_images, K, rng):
         raise DataError("contrastive learning needs at least two training images")
     offsets = rng.integers(1, n_images, size=(K, len(image_ids)))
     return (np.asarray(image_ids)[None, :] + offsets) % n_images
-
 
 def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
     """log p_m and log p_n of the positives (B,) and of the K*B negatives (K, B) in one batched forward
@@ -409,10 +381,9 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
 
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
-    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t. Recall@k (in %) of
-    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
-    Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
-    scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
+    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t: recall@k (in %) of image t among the k
+    images that give c_t the highest probability (Sec. 4.1), k capped by N. Ties count against the query (rank =
+    the *other* images scoring >= the own one): an image-blind captioner scores 0, not 100; a NaN is a miss."""
     logp = torch.as_tensor(logp)
     n = len(logp)
     own = logp.diagonal()[:, None]
@@ -421,22 +392,14 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
     rank[own[:, 0].isnan()] = n  # beyond every k
     return {f"R@{k}": 100.0 * (rank < min(k, n)).double().mean().item() for k in ks}
 
-
-def encode_images(model, features, ids, device, chunk=500):
-    """Encoded memory of many images, read from the memory map a chunk at a time."""
-    parts = [model.encode(image_batch(features, ids[i:i + chunk], device)) for i in range(0, len(ids), chunk)]
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward:
-    a block of captions against all N images, or, when N is larger, one caption against a block of
-    images. Memory stays fixed as N grows (the (N, N) result aside, held on the host): the encoded
-    images and one forward's (pairs, words, vocabulary) log-probs."""
+    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward: a block of
+    captions against all N images or, when N is larger, one caption against a block of images. Memory stays fixed
+    as N grows: the images encoded once, one forward's log-probs (the (N, N) result is held on the host)."""
     model.eval()
-    memory = encode_images(model, features, ids, device)
-    n = len(ids)
+    parts = [model.encode(image_batch(features, ids[i:i + 500], device)) for i in range(0, len(ids), 500)]
+    memory, n = tuple(torch.cat(p) for p in zip(*parts)), len(ids)
     image_block = min(n, pairs_per_forward)
     caption_block = max(1, pairs_per_forward // image_block)
     logp = torch.empty(n, n)
@@ -450,18 +413,15 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
             ).reshape(-1, len(images)).float().cpu()
     return logp
 
-
 @torch.no_grad()
 def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
     model.eval()
     return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
                       for i in range(0, len(ids), batch)])
 
-
 def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
-    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first
-    --retrieval-images. With results_file the captions are written in the COCO results format and scored
-    from that file."""
+    """Caption metrics (Sec. 5) of the model's captions for every image, self-retrieval recall on the first
+    --retrieval-images; with results_file, scored from the captions written there in the COCO results format."""
     ids = np.arange(len(features))
     generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
@@ -477,9 +437,8 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
         scores.update(self_retrieval_recall(logp))
     return scores, candidates
 
-
 def validate(model, dev, vocab, args, device):
-    """Per-epoch model selection on the dev split: CIDEr of greedy captions (and, if asked, R@1)."""
+    """Per-epoch model selection: the CIDEr of greedy captions of the dev split."""
     from pycocoevalcap.cider.cider import Cider
     features, captions = dev
     ids = np.arange(min(args.val_images, len(features)))
@@ -555,7 +514,6 @@ def captioners(args, vocab, train_features, device):
         raise DataError("--replace-ref-every needs target and reference of the same architecture")
     return target, reference
 
-
 def test_report(args, best_path, test, vocab, device):
     """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
     split, n = captioning_test_split(args.dataset), len(test[0])
@@ -585,7 +543,6 @@ def test_report(args, best_path, test, vocab, device):
               f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
     print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
     return {"reference": columns["reference"][0], "target": target_scores}
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -636,19 +593,15 @@ def setup_ddp():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
-
 def epoch_order(n_images, seed, epoch, world_size=1):
-    """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
-    --resume replays it. Under DDP it wraps around to a multiple of the world size (as
-    DistributedSampler pads) so that every rank has images in the last batch."""
+    """An epoch's shuffled images, from (seed, epoch) alone: the same on every rank, replayed by --resume. Under DDP
+    it wraps around to a multiple of the world size (as DistributedSampler pads): every rank has a last batch."""
     order = np.random.default_rng([seed, epoch]).permutation(n_images)
     return np.concatenate([order, order[: -n_images % world_size]])
-
 
 def rank_share(global_ids, rank, world_size):
     """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
     return np.array_split(np.arange(len(global_ids)), world_size)[rank]
-
 
 def batches(keep, epoch, run):
     """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
@@ -665,12 +618,10 @@ def batches(keep, epoch, run):
         run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
     run.bar.close()
 
-
 def on_device(device, *captions):
     """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
     length = max(used_length(c) for c in captions)
     return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
-
 
 def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
     """The run in one namespace: what a checkpoint holds and the loop's bookkeeping; --resume takes it from last.pt."""
@@ -686,9 +637,8 @@ def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
         resume(run)
     return run
 
-
 def after_step(run, loss, n_images, epoch):
-    """Speed, the loss kept for the next finite check, progress, last.pt every --save-every steps and at --max-steps
+    """Speed, progress, the loss kept for the next finite check; last.pt every --save-every steps and at --max-steps
     (then True)."""
     now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
@@ -699,7 +649,6 @@ def after_step(run, loss, n_images, epoch):
     if stop or args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
     return stop
-
 
 def keep_best(run, epoch, dev):
     """Dev CIDEr, rank 0's for every rank; best.pt and the best weights when it is the best so far."""
@@ -714,31 +663,37 @@ def keep_best(run, epoch, dev):
     if run.rank == 0:
         print(f"epoch {epoch + 1}: dev CIDEr {100 * box[0]:.1f} (best {100 * run.best_score:.1f})")
 
-
 def finish(run):
     if run.seen and run.rank == 0:
         print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
               (f" over {run.world_size} processes" if run.world_size > 1 else ""))
     return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
 
-
-def captioner_record(model):
-    """What rebuilds the model from the file alone: its class, constructor arguments and weights."""
-    return {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
-
+def check_finite_loss(run):
+    """The losses since the last look, read where the loop waits for the device anyway: a NaN or inf stops every rank
+    with one line, before anything is saved from it. Returns the latest loss."""
+    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
+    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
+    run.pending.clear()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
+                        f"{run.kept}; try a lower --lr, or check the data")
+    return values[-1] if values else math.nan
 
 def checkpoint(run, epoch):
-    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have been replaced
-    (Sec. 4.3)."""
-    return {"model": captioner_record(run.target), "vocab": run.vocab.itos, "args": vars(run.args),
-            "stage": run.args.stage, "step": run.step, "epoch": epoch, "best_score": run.best_score,
-            "optimizer": run.optimizer.state_dict(), "world_size": run.world_size,
-            "reference": captioner_record(run.reference) if run.reference else None}
-
+    """One plain dict; `epoch` is where a resumed run goes on. A model's record (class, constructor arguments,
+    weights) rebuilds it from the file alone; the reference is saved too: it may have been replaced (Sec. 4.3)."""
+    record = lambda model: {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
+    return {"model": record(run.target), "vocab": run.vocab.itos, "args": vars(run.args), "stage": run.args.stage,
+            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": run.optimizer.state_dict(),
+            "world_size": run.world_size, "reference": record(run.reference) if run.reference else None}
 
 def save_last(run, epoch):
-    """last.pt with every rank's RNG states, after a look at the losses since the last save (never save what a NaN
-    made)."""
+    """last.pt with every rank's RNG states, after a look at the losses since the last one (never what a NaN made)."""
     check_finite_loss(run)
     ckpt = dict(checkpoint(run, epoch), rng=rng_states(run.device))  # a collective under torchrun: on every rank
     if run.rank == 0:
@@ -747,10 +702,18 @@ def save_last(run, epoch):
     if dist.is_initialized():
         dist.barrier()
 
+def rng_states(device):
+    """Every rank's torch RNG states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the
+    uninterrupted one would. A collective under torchrun."""
+    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, state)
+    return states
 
 def save_checkpoint(ckpt, path):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
-    leaves the old file or the new one, never a broken one."""
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) leaves the old
+    file or the new one, never a broken one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -767,12 +730,10 @@ def save_checkpoint(ckpt, path):
         raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
                         f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
 
-
 def nbytes(obj):
     """The bytes of the tensors in a (nested) checkpoint."""
     obj = list(obj.values()) if isinstance(obj, dict) else obj
     return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
-
 
 def lock(out_dir):
     """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over). Writing it
@@ -797,28 +758,13 @@ def lock(out_dir):
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
 
-
-def require_memory(args, vocab_size, device):
-    """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    per_caption, rounds = (args.max_words + 1) * vocab_size * 4, 1 + args.K * (args.stage == "cl")  # float32 bytes
-    for needed, what in ((per_caption * rounds * CAPS_PER_IMAGE * args.batch_images,
-                          f"a step's word log-probs ({args.batch_images} images x 5 captions x {rounds})"),
-                         (per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}")):
-        if needed > total:
-            raise DataError(f"{what} would need {needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
-                            f"of {device.type}")
-
-
 # What a checkpoint holds: --ref, --init and --eval need its model record and vocabulary, --resume all of it
 CHECKPOINT = dict(model=dict, vocab=list, args=dict, stage=str, step=int, epoch=int, best_score=float, optimizer=dict,
                   world_size=int, rng=list)
 
-
 def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.py"):
-    """A checkpoint read safely (weights_only=True never runs code from a file); with `need`, one that holds those
-    keys of CHECKPOINT with their types and a model record of a captioner of this script, else it is not `what`."""
+    """A checkpoint read safely (weights_only=True never runs code from a file); with `need`, one holding those keys
+    of CHECKPOINT, of their types, and the record of a captioner of this script, or it is not `what`."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -827,15 +773,14 @@ def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.p
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
     record = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if need and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"),
-                     dict) and isinstance(record.get("state"), dict) and all(isinstance(ckpt.get(k), CHECKPOINT[k])
-                                                                            for k in need)):
+    if need and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS
+                     and all(isinstance(record.get(k), dict) for k in ("kwargs", "state"))
+                     and all(isinstance(ckpt.get(k), CHECKPOINT[k]) for k in need)):
         raise DataError(f"{path} is not {what}")
     return ckpt
 
-
 def load_captioner(path, vocab, feat_dim, device, dataset):
-    """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
+    """A captioner rebuilt from a checkpoint's model record, checked against the data it will see."""
     ckpt = load_checkpoint(path, need=("model", "vocab"))
     record = ckpt["model"]
     if record["kwargs"].get("feat_dim") != feat_dim:
@@ -854,36 +799,10 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
         raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
     return model.to(device), ckpt
 
-
-def rng_states(device):
-    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
-    masks the uninterrupted one would. A collective under torchrun."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
-
-
-def check_finite_loss(run):
-    """A look at the losses of the steps since the last one, only where the loop waits for the device anyway: a NaN
-    or inf stops every rank with one line, before anything is saved from it. Returns the latest loss."""
-    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
-    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
-    run.pending.clear()
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, bad)
-        bad = sorted(sum(everyone, []))[:1]
-    if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
-                        f"{run.kept}; try a lower --lr, or check the data")
-    return values[-1] if values else math.nan
-
-
 def resume(run):
     """Go on from last.pt of --out-dir as if never stopped."""
-    args, ckpt = run.args, load_checkpoint(run.last, CHECKPOINT, "a last.pt written by cl_captioning.py; pass another --out-dir")
+    args, ckpt = run.args, load_checkpoint(run.last, CHECKPOINT, "a last.pt written by cl_captioning.py; pass "
+                                                                 "another --out-dir")
     model, saved = ckpt["model"], dict(ckpt["args"], world_size=ckpt["world_size"])
     if ckpt["stage"] != args.stage or model["kind"] != run.target.kind or model["kwargs"] != run.target.kwargs:
         raise DataError(f"{run.last} holds another run ({ckpt['stage']}, {model['kind']} {model['kwargs']}); resume "
@@ -899,22 +818,32 @@ def resume(run):
     torch.set_rng_state(ckpt["rng"][run.rank][0])
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
+    run.step, run.epoch, run.best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
+    run.kept = f"{run.last} keeps step {run.step}"
     if run.reference is not None and args.replace_ref_every and run.best_score > -math.inf:
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
+def require_memory(args, vocab_size, device):
+    """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    per_caption, rounds = (args.max_words + 1) * vocab_size * 4, 1 + args.K * (args.stage == "cl")  # float32 bytes
+    for needed, what in ((per_caption * rounds * CAPS_PER_IMAGE * args.batch_images,
+                          f"a step's word log-probs ({args.batch_images} images x 5 captions x {rounds})"),
+                         (per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}")):
+        if needed > total:
+            raise DataError(f"{what} would need {needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                            f"of {device.type}")
 
 def captioning_test_split(dataset):
-    """The captioning test split: Karpathy's 5,000 COCO test images are SCAN's testall (its test is
-    only the first 1,000); Flickr30K's is test."""
+    """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
 
-
 def load_image_ids(root, split, n_images):
-    """COCO / Flickr image ids of a split from SCAN's {split}_ids.txt, one a line per image or per
-    caption (then 5 equal lines per image); without the file, the row index."""
+    """COCO / Flickr image ids from SCAN's {split}_ids.txt, a line per image or per caption (5 equal lines an
+    image); without the file, the row index."""
     path = Path(root) / f"{split}_ids.txt"
     if not path.is_file():
         return list(range(n_images))
@@ -930,12 +859,13 @@ def load_image_ids(root, split, n_images):
                         f"got {len(ids)} lines with {len(set(ids))} distinct ids")
     return ids
 
+def results_path(checkpoint_path, split):
+    """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
+    return Path(checkpoint_path).with_name(f"captions_{split}_{Path(checkpoint_path).stem}_results.json")
 
-def quiet(function, *args):
-    """pycocotools prints a line per index it builds: keep the table readable."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return function(*args)
-
+def coco_results(candidates, image_ids):
+    """The COCO caption results format, as the online test server takes it: one caption per image."""
+    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
 
 def coco_ground_truth(references, image_ids):
     """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
@@ -945,61 +875,20 @@ def coco_ground_truth(references, image_ids):
                     "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
                                     for n, (i, refs) in enumerate(zip(image_ids, references))
                                     for k, caption in enumerate(refs)]}
-    quiet(coco.createIndex)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a line per index it builds
+        coco.createIndex()
     return coco
 
-
-def coco_results(candidates, image_ids):
-    """The COCO caption results format, as the online test server takes it: one caption per image."""
-    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
-
-
-def results_path(checkpoint_path, split):
-    """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
-    return Path(checkpoint_path).with_name(f"captions_{split}_{Path(checkpoint_path).stem}_results.json")
-
-
-def ptb_available():
-    return shutil.which("java") is not None
-
-
-def scores_note():
-    return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
-
-
-@functools.lru_cache(maxsize=None)
-def warn_no_java():
-    print(f"warning: {scores_note()}: scores use [a-z]+ tokens (not COCO-official), without METEOR", file=sys.stderr)
-
-
-@functools.lru_cache(maxsize=None)
-def meteor_scorer():
-    """One METEOR java process for the whole run: starting one takes seconds."""
-    from pycocoevalcap.meteor.meteor import Meteor
-    return Meteor()
-
-
-def meteor(gts, res):
-    scorer = meteor_scorer()
-    try:
-        return scorer.compute_score(gts, res)[0]
-    except BaseException:  # Ctrl-C mid-score leaves pycocoevalcap's lock held: its __del__ would wait forever at exit
-        scorer.meteor_p.kill()
-        scorer.lock.release() if scorer.lock.locked() else None
-        meteor_scorer.cache_clear()
-        raise
-
-
 def caption_metrics(coco, results):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file, read with loadRes)
-    against the references in coco: pycocoevalcap's COCOEvalCap.evaluate without SPICE, which downloads
-    Stanford models at run time. Both sides go through the PTB tokenizer as there; without Java, through
-    common.tokenize ([a-z]+) and without METEOR."""
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against the references in coco:
+    COCOEvalCap.evaluate without SPICE (it downloads Stanford models at run time), PTB-tokenised as there; without
+    Java, [a-z]+ tokens (common.tokenize) and no METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    coco_res = quiet(coco.loadRes, str(results) if isinstance(results, Path) else results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_res = coco.loadRes(str(results) if isinstance(results, Path) else results)
     image_ids = coco.getImgIds()
     gts = {i: coco.imgToAnns[i] for i in image_ids}
     res = {i: coco_res.imgToAnns[i] for i in image_ids}
@@ -1017,13 +906,37 @@ def caption_metrics(coco, results):
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
     return scores
 
+def ptb_available():
+    return shutil.which("java") is not None
+
+def scores_note():
+    return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
+
+@functools.lru_cache(maxsize=None)
+def warn_no_java():
+    print(f"warning: {scores_note()}: scores use [a-z]+ tokens (not COCO-official), without METEOR", file=sys.stderr)
+
+@functools.lru_cache(maxsize=None)
+def meteor_scorer():
+    """One METEOR java process for the whole run: starting one takes seconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
+
+def meteor(gts, res):
+    scorer = meteor_scorer()
+    try:
+        return scorer.compute_score(gts, res)[0]
+    except BaseException:  # Ctrl-C mid-score leaves pycocoevalcap's lock held: its __del__ would wait forever at exit
+        scorer.meteor_p.kill()
+        scorer.lock.release() if scorer.lock.locked() else None
+        meteor_scorer.cache_clear()
+        raise
 
 def print_table(columns, title):
     """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
     names = list(columns)
-    metrics = [m for m in next(iter(columns.values()))]
     print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in names))
-    for metric in metrics:
+    for metric in next(iter(columns.values())):
         scale = 1 if metric.startswith("R@") else 100
         print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
 
