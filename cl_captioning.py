@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_images, image_batch, load_split,
-                    prepare_data, tokenize)
+from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_images, image_batch, load_image_ids,
+                    load_split, prepare_data, tokenize)
 
 # --- Configuration ------------------------------------------------------------------------------------
 # Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (github.com/doubledaibo/
@@ -840,24 +840,6 @@ def require_memory(args, vocab_size, device):
 def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
-
-def load_image_ids(root, split, n_images):
-    """COCO / Flickr image ids from SCAN's {split}_ids.txt, a line per image or per caption (5 equal lines an
-    image); without the file, the row index."""
-    path = Path(root) / f"{split}_ids.txt"
-    if not path.is_file():
-        return list(range(n_images))
-    try:
-        ids = [int(line) for line in path.read_text().split()]
-    except ValueError:
-        raise DataError(f"{path} must hold one integer image id a line")
-    if len(ids) == CAPS_PER_IMAGE * n_images and all(len(set(ids[i:i + CAPS_PER_IMAGE])) == 1
-                                                     for i in range(0, len(ids), CAPS_PER_IMAGE)):
-        ids = ids[::CAPS_PER_IMAGE]
-    if len(ids) != n_images or len(set(ids)) != n_images:
-        raise DataError(f"{path} must hold {n_images} distinct image ids (one per image, or one per caption), "
-                        f"got {len(ids)} lines with {len(set(ids))} distinct ids")
-    return ids
 
 def results_path(checkpoint_path, split):
     """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
