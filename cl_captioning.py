@@ -9,11 +9,9 @@ makes its captions more distinctive: better at retrieving their own image (self-
     python cl_captioning.py --eval runs/cl-showtell-toy/best.pt     # test table of a checkpoint
     torchrun --nproc_per_node=8 cl_captioning.py --dataset coco     # the same on 8 GPUs
 
-The paper in the file, top to bottom: the captioners of Sec. 5.1 (ShowTell, AdaptiveAttention); MLE, Eq. 1
-(mle_loss); G, Eq. 7 (log_ratio); -J with r_nu, Eq. 3, 8-10 (cl_loss; --nu; --terms: Table 4); the mismatched
-captions c_/t of Sec. 4.2 (sample_negatives); self-retrieval, Sec. 4.1 (self_retrieval_recall); the training
-step (train) with reference replacement, Sec. 4.3 (--replace-ref-every); Table 5's --init; main. Then an
-appendix of plumbing: torchrun, checkpoints and resume, the lock, checks, COCO scoring.
+Paper to code: Sec. 5.1 ShowTell, AdaptiveAttention; Eq. 1 mle_loss; Eq. 7 log_ratio; Eq. 3, 8-10 cl_loss (--nu;
+--terms: Table 4); Sec. 4.2 sample_negatives; Sec. 4.1 self_retrieval_recall; Sec. 4.3 train's --replace-ref-every;
+Table 5 --init. After main, an appendix of plumbing.
 """
 import argparse, contextlib, functools, io, json, math, os, shlex, shutil, sys, time
 from datetime import timedelta
@@ -40,13 +38,13 @@ TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: o
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3, "retrieval_images": 500},
     "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500},
 }
-# What each number may be: an integer (lowest, highest), a float its interval (always finite)
+# What each number may be: an integer (lowest, highest); a positive float its highest; a "probability" [0, 1)
 BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12), save_every=(0, 10**12),
               rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4), min_count=(1, 10**9), beam_size=(1, 10**3),
               val_images=(1, 10**9), retrieval_images=(0, 10**9), pairs_per_forward=(1, 10**9),
               replace_ref_every=(0, 10**6), threads=(0, 1024), examples=(0, 10**9), seed=(0, 2**32 - 1),
-              lr="(0, 1]",  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
-              nu="(0, inf)", grad_clip="(0, inf)", dropout="[0, 1)", target_dropout="[0, 1)", beta1="[0, 1)")
+              lr=1.0,  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
+              nu=math.inf, grad_clip=math.inf, dropout="probability", target_dropout="probability", beta1="probability")
 CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
                "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
 
@@ -118,23 +116,21 @@ def parse_args(argv=None):
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
     for name, bounds in BOUNDS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if isinstance(bounds, tuple):  # an integer in [lowest, highest]
-            low, high = bounds
-            if not low <= value <= high:
-                raise DataError(f"{flag} must be at {f'least {low}' if value < low else f'most {high}'}, got {value}")
-        elif value is not None:  # a float: "(0, x]" positive and at most x, "[0, 1)" a probability
-            high = float(bounds[1:-1].split(", ")[1])
-            if bounds[0] == "[" and not 0 <= value < high:
-                raise DataError(f"{flag} must be in {bounds}, got {value}")
-            if bounds[0] == "(" and not 0 < value < math.inf:
+        if bounds == "probability":
+            if value is not None and not 0 <= value < 1:  # None: --target-dropout keeps the checkpoint's
+                raise DataError(f"{flag} must be in [0, 1), got {value}")
+        elif isinstance(bounds, float):
+            if not 0 < value < math.inf:
                 raise DataError(f"{flag} must be positive and finite, got {value}")
-            if value > high:
-                raise DataError(f"{flag} must be at most {high:g}, got {value:g}")
+            if value > bounds:
+                raise DataError(f"{flag} must be at most {bounds:g}, got {value:g}")
+        elif not bounds[0] <= value <= bounds[1]:
+            raise DataError(f"{flag} must be at {f'least {bounds[0]}' if value < bounds[0] else f'most {bounds[1]}'}, "
+                            f"got {value}")
     return args
 
 
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
-
 def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
     return vocab.encode_batch(captions, max_words + 1).reshape(-1, CAPS_PER_IMAGE, max_words + 1)
@@ -145,7 +141,6 @@ def own_images(n_images, device):
 
 
 # --- Captioners: NeuralTalk2 / ShowTell and AdaptiveAttention (Sec. 5.1) ---------------------------
-
 def caption_mask(captions):
     """1 for every word up to and including the first <eos>, 0 after it (padding)."""
     is_eos = (captions == EOS).long()
@@ -335,14 +330,12 @@ CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
 
 # --- Maximum likelihood (Eq. 1) --------------------------------------------------------------------
-
 def mle_loss(log_probs, captions):
     """-Eq. 1 per word: the negative log-likelihood of the ground-truth words, averaged over words."""
     return -log_probs.sum() / caption_mask(captions).sum()
 
 
 # --- Contrastive learning (Sec. 4.2) ---------------------------------------------------------------
-
 def log_ratio(log_p_target, log_p_ref):
     """G((c, I); theta, phi) = ln p_m(c|I, theta) - ln p_n(c|I, phi)   (Eq. 7)."""
     return log_p_target - log_p_ref
@@ -379,7 +372,6 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
 
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
-
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
     """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t: recall@k (in %) of image t among the k
     images that give c_t the highest probability (Sec. 4.1), k capped by N. Ties count against the query (rank =
@@ -448,7 +440,6 @@ def validate(model, dev, vocab, args, device):
 
 
 # --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
-
 def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
     """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each rank
     trains on its share of every global batch (`keep`: the images trained on); rank 0 alone validates and saves."""
@@ -498,7 +489,6 @@ def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
 
 
 # --- Main ---------------------------------------------------------------------------------------------
-
 def captioners(args, vocab, train_features, device):
     """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
     feat_dim = train_features.shape[2]
@@ -582,7 +572,6 @@ def main(argv=None):
 
 
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, checks, scoring wrappers) ---------
-
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
