@@ -184,9 +184,9 @@ class Captioner(nn.Module):
     def next_word_log_probs(self, memory, words, state):
         log_probs, state = self.step(memory, words, state)
         # <pad> and <bos> are never targets in training: never emit them (their mass stays in p)
-        blocked = torch.zeros_like(log_probs, dtype=torch.bool)
-        blocked[:, [PAD, BOS]] = True
-        return log_probs, log_probs.masked_fill(blocked, -math.inf), state
+        allowed = log_probs.clone()
+        allowed[:, [PAD, BOS]] = -math.inf
+        return log_probs, allowed, state
 
     def greedy(self, feats, max_len):
         """Most probable next word at each step: (captions (B, max_len), their log p(c|I) (B,))."""
@@ -386,9 +386,8 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
 
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward: a block of
-    captions against all N images or, when N is larger, one caption against a block of images. Memory stays fixed
-    as N grows: the images encoded once, one forward's log-probs (the (N, N) result is held on the host)."""
+    """The (N, N) matrix log p(c_t | I_j) on the host, images encoded once, at most pairs_per_forward (caption, image)
+    pairs a forward (captions against all N images, or one against a block of them): memory stays fixed as N grows."""
     model.eval()
     parts = [model.encode(image_batch(features, ids[i:i + 500], device)) for i in range(0, len(ids), 500)]
     memory, n = tuple(torch.cat(p) for p in zip(*parts)), len(ids)
@@ -421,7 +420,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     results = coco_results(candidates, image_ids)
     if results_file is not None:
         Path(results_file).write_text(json.dumps(results))
-        results = Path(results_file)
+        results = str(results_file)
     scores = caption_metrics(coco_ground_truth(references, image_ids), results)
     n = min(args.retrieval_images, len(ids))
     if n > 0:
@@ -508,14 +507,15 @@ def test_report(args, best_path, test, vocab, device):
     """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
     split, n = captioning_test_split(args.dataset), len(test[0])
     image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
-    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
-            f"{scores_note()})"
+    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " + (
+        "PTB-tokenised COCO-official scores)" if ptb_available() else "not PTB-tokenised: java not found)")
     score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
                                                 *test, vocab, args, device, image_ids, results)
-    target_scores, target_captions = score(best_path, results_path(best_path, split))
+    results = Path(best_path).with_name(f"captions_{split}_{Path(best_path).stem}_results.json")  # beside it
+    target_scores, target_captions = score(best_path, results)
     if args.stage == "mle" or args.eval:
         print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
-        print(f"\ncaptions in COCO results format: {results_path(best_path, split)}")
+        print(f"\ncaptions in COCO results format: {results}")
         if not args.eval:
             data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
                 f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
@@ -531,7 +531,7 @@ def test_report(args, best_path, test, vocab, device):
     for i in range(min(args.examples, n)):
         print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
               f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
-    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
+    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results}")
     return {"reference": columns["reference"][0], "target": target_scores}
 
 def main(argv=None):
@@ -620,15 +620,13 @@ def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
                           last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0, seconds=0.0,
                           kept=f"nothing saved yet in {out_dir}",
                           loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
-                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
-                                                    (args.batch_images * world_size)))
+                          steps_per_epoch=math.ceil(len(keep) / (args.batch_images * world_size)))
     if args.resume:
         resume(run)
     return run
 
 def after_step(run, loss, n_images, epoch):
-    """Speed, progress, the loss kept for the next finite check; last.pt every --save-every steps and at --max-steps
-    (then True)."""
+    """Speed, progress, the loss kept for the finite check; last.pt every --save-every steps and at --max-steps (True)."""
     now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
@@ -682,23 +680,20 @@ def checkpoint(run, epoch):
             "world_size": run.world_size, "reference": record(run.reference) if run.reference else None}
 
 def save_last(run, epoch):
-    """last.pt with every rank's RNG states, after a look at the losses since the last one (never what a NaN made)."""
+    """last.pt after a look at the losses since the last one (never what a NaN made), with every rank's torch RNG
+    states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
     check_finite_loss(run)
-    ckpt = dict(checkpoint(run, epoch), rng=rng_states(run.device))  # a collective under torchrun: on every rank
+    ckpt, state = checkpoint(run, epoch), [torch.get_rng_state()]
+    if run.device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(run.device))
+    ckpt["rng"] = [state] * run.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(ckpt["rng"], state)  # a collective: on every rank
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
     run.kept = f"{run.last} keeps step {run.step}"
     if dist.is_initialized():
         dist.barrier()
-
-def rng_states(device):
-    """Every rank's torch RNG states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the
-    uninterrupted one would. A collective under torchrun."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
 
 def save_checkpoint(ckpt, path):
     """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) leaves the old
@@ -720,7 +715,6 @@ def save_checkpoint(ckpt, path):
                         f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
 
 def nbytes(obj):
-    """The bytes of the tensors in a (nested) checkpoint."""
     obj = list(obj.values()) if isinstance(obj, dict) else obj
     return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
@@ -736,13 +730,11 @@ def lock(out_dir):
                     f.write(str(os.getpid()))
                 return lambda: path.unlink(missing_ok=True)
             except FileExistsError:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
                     pid = int(path.read_text() or 0)
                     if pid != os.getpid():
                         os.kill(pid, 0)  # no error: that process is alive
                         raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-                except (ProcessLookupError, ValueError, FileNotFoundError):
-                    pass
                 path.unlink(missing_ok=True)
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
@@ -830,10 +822,6 @@ def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
 
-def results_path(checkpoint_path, split):
-    """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
-    return Path(checkpoint_path).with_name(f"captions_{split}_{Path(checkpoint_path).stem}_results.json")
-
 def coco_results(candidates, image_ids):
     """The COCO caption results format, as the online test server takes it: one caption per image."""
     return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
@@ -851,18 +839,15 @@ def coco_ground_truth(references, image_ids):
     return coco
 
 def caption_metrics(coco, results):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against the references in coco:
-    COCOEvalCap.evaluate without SPICE (it downloads Stanford models at run time), PTB-tokenised as there; without
-    Java, [a-z]+ tokens (common.tokenize) and no METEOR."""
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against coco: COCOEvalCap.evaluate
+    without SPICE (it downloads models at run time), PTB-tokenised as there; without Java, [a-z]+ tokens, no METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_res = coco.loadRes(str(results) if isinstance(results, Path) else results)
-    image_ids = coco.getImgIds()
-    gts = {i: coco.imgToAnns[i] for i in image_ids}
-    res = {i: coco_res.imgToAnns[i] for i in image_ids}
+        coco_res = coco.loadRes(results)
+    gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
     if ptb_available():
         tokenizer = PTBTokenizer()
         gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
@@ -880,12 +865,10 @@ def caption_metrics(coco, results):
 def ptb_available():
     return shutil.which("java") is not None
 
-def scores_note():
-    return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
-
 @functools.lru_cache(maxsize=None)
 def warn_no_java():
-    print(f"warning: {scores_note()}: scores use [a-z]+ tokens (not COCO-official), without METEOR", file=sys.stderr)
+    print("warning: not PTB-tokenised: java not found: scores use [a-z]+ tokens (not COCO-official), without METEOR",
+          file=sys.stderr)
 
 @functools.lru_cache(maxsize=None)
 def meteor_scorer():
