@@ -83,8 +83,7 @@ def build_parser():
     add("--batch-images", type=int, default=20, help="images per step and process, each with its 5 captions")
     add("--epochs", type=int, default=None, help="training epochs (default: 30 MLE, 10 CL)")
     add("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    add("--lr", type=float, default=None, help="Adam learning rate (default: 4e-4 MLE as the authors' code, "
-        "1e-6 CL as Sec. 5)")
+    add("--lr", type=float, default=None, help="Adam learning rate (default: 4e-4 MLE, authors' code; 1e-6 CL, Sec. 5)")
     add("--beta1", type=float, default=0.8, help="Adam beta1")
     add("--grad-clip", type=float, default=0.1, help="clamp every gradient entry to +-this")
     add("--K", type=int, default=5, help="negative rounds per positive set (Eq. 10)")
@@ -607,8 +606,7 @@ def batches(keep, epoch, run):
         run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
     run.bar.close()
 
-def on_device(device, *captions):
-    """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
+def on_device(device, *captions):  # cut to the longest caption: the rest is padding
     length = max(used_length(c) for c in captions)
     return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
 
