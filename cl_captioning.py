@@ -9,20 +9,11 @@ makes its captions more distinctive: better at retrieving their own image (self-
     python cl_captioning.py --eval runs/cl-showtell-toy/best.pt     # test table of a checkpoint
     torchrun --nproc_per_node=8 cl_captioning.py --dataset coco     # the same on 8 GPUs
 
-Read top to bottom: configuration, data, the two captioners (Sec. 5.1), MLE (Eq. 1), contrastive
-learning (Sec. 4.2), evaluation (Sec. 4.1, 5), training infrastructure, the training loop, main.
+Paper to code: Sec. 5.1 ShowTell, AdaptiveAttention; Eq. 1 mle_loss; Eq. 7 log_ratio; Eq. 3, 8-10 cl_loss (--nu;
+--terms: Table 4); Sec. 4.2 sample_negatives; Sec. 4.1 self_retrieval_recall; Sec. 4.3 train's --replace-ref-every;
+Table 5 --init. After main, an appendix of plumbing.
 """
-import argparse
-import contextlib
-import functools
-import io
-import json
-import math
-import os
-import shlex
-import shutil
-import sys
-import time
+import argparse, contextlib, functools, io, json, math, os, shlex, shutil, sys, time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,8 +26,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_images, image_batch, load_split,
-                    prepare_data, tokenize)
+from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_images, image_batch, load_image_ids,
+                    load_split, prepare_data, tokenize)
 
 # --- Configuration ------------------------------------------------------------------------------------
 # Defaults are the paper's (Sec. 5) or, where it is silent, the authors' code (github.com/doubledaibo/
@@ -47,7 +38,15 @@ TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: o
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3, "retrieval_images": 500},
     "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500},
 }
-
+# What each number may be: an integer (lowest, highest); a positive float its highest; a "probability" [0, 1)
+BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12), save_every=(0, 10**12),
+              rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4), min_count=(1, 10**9), beam_size=(1, 10**3),
+              val_images=(1, 10**9), retrieval_images=(0, 10**9), pairs_per_forward=(1, 10**9),
+              replace_ref_every=(0, 10**6), threads=(0, 1024), examples=(0, 10**9), seed=(0, 2**32 - 1),
+              lr=1.0,  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
+              nu=math.inf, grad_clip=math.inf, dropout="probability", target_dropout="probability", beta1="probability")
+CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
+               "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
@@ -58,15 +57,12 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
                if action.dest in values]
         return text + (f" [toy world: {', '.join(toy)}]" if toy else "")
 
-
-def refuse(message):
-    raise DataError(f"{message}; see --help")
-
-
 def build_parser():
+    def refuse(message):  # argparse's own errors end in one line too
+        raise DataError(f"{message}; see --help")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
                                 usage="%(prog)s [flags]")
-    p.error = refuse  # argparse's own errors end in one line too
+    p.error = refuse
     add = p.add_argument
     add("--dataset", default="toy", choices=["toy", "coco", "flickr30k"], help="which data")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -87,8 +83,7 @@ def build_parser():
     add("--batch-images", type=int, default=20, help="images per step and process, each with its 5 captions")
     add("--epochs", type=int, default=None, help="training epochs (default: 30 MLE, 10 CL)")
     add("--max-steps", type=int, default=0, help="stop after this many steps in all (0: no limit)")
-    add("--lr", type=float, default=None, help="Adam learning rate (default: 4e-4 MLE as the authors' code, "
-        "1e-6 CL as Sec. 5)")
+    add("--lr", type=float, default=None, help="Adam learning rate (default: 4e-4 MLE, authors' code; 1e-6 CL, Sec. 5)")
     add("--beta1", type=float, default=0.8, help="Adam beta1")
     add("--grad-clip", type=float, default=0.1, help="clamp every gradient entry to +-this")
     add("--K", type=int, default=5, help="negative rounds per positive set (Eq. 10)")
@@ -106,68 +101,54 @@ def build_parser():
     add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
 
-
-CONFIG_LINE = {"mle": ("batch_images", "lr", "epochs", "dropout", "seed"),  # what a run prints of its configuration
-               "cl": ("batch_images", "lr", "epochs", "K", "nu", "terms", "target_dropout", "replace_ref_every", "seed")}
-
-
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    p = build_parser()
+    argv, p = sys.argv[1:] if argv is None else argv, build_parser()
     args = p.parse_args(argv)
-    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
-                                               for arg in argv)}
+    given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     args.stage = "cl" if args.ref else "mle"
-    if args.dataset == "toy":
-        for name, value in TOY_OVERRIDES[args.stage].items():
-            if name not in given:
-                setattr(args, name, value)
+    for name, value in TOY_OVERRIDES[args.stage].items() if args.dataset == "toy" else ():
+        if name not in given:
+            setattr(args, name, value)
     if args.epochs is None:
         args.epochs = 10 if args.stage == "cl" else 30
     if args.lr is None:
         args.lr = 1e-6 if args.stage == "cl" else 4e-4
-    for name, (low, high) in dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12),
-                                  save_every=(0, 10**12), rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4),
-                                  min_count=(1, 10**9), beam_size=(1, 10**3), val_images=(1, 10**9),
-                                  retrieval_images=(0, 10**9),
-                                  pairs_per_forward=(1, 10**9), replace_ref_every=(0, 10**6), threads=(0, 1024),
-                                  examples=(0, 10**9), seed=(0, 2**32 - 1)).items():
-        value = getattr(args, name)
-        if not low <= value <= high:
-            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
+    for name, bounds in BOUNDS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if bounds == "probability":
+            if value is not None and not 0 <= value < 1:  # None: --target-dropout keeps the checkpoint's
+                raise DataError(f"{flag} must be in [0, 1), got {value}")
+        elif isinstance(bounds, float):
+            if not 0 < value < math.inf:
+                raise DataError(f"{flag} must be positive and finite, got {value}")
+            if value > bounds:
+                raise DataError(f"{flag} must be at most {bounds:g}, got {value:g}")
+        elif not bounds[0] <= value <= bounds[1]:
+            raise DataError(f"{flag} must be at {f'least {bounds[0]}' if value < bounds[0] else f'most {bounds[1]}'}, "
                             f"got {value}")
-    for name in ("lr", "nu", "grad_clip"):
-        if not 0 < getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
-        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
-    for name in ("dropout", "target_dropout", "beta1"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     return args
 
 
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
-
 def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
     return vocab.encode_batch(captions, max_words + 1).reshape(-1, CAPS_PER_IMAGE, max_words + 1)
 
+def own_images(n_images, device):
+    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
+    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
+
 
 # --- Captioners: NeuralTalk2 / ShowTell and AdaptiveAttention (Sec. 5.1) ---------------------------
-
 def caption_mask(captions):
     """1 for every word up to and including the first <eos>, 0 after it (padding)."""
     is_eos = (captions == EOS).long()
     return (is_eos.cumsum(1) - is_eos) == 0
 
-
 def used_length(captions):
-    """Columns up to the longest caption's <eos> (the rest is padding), computed on the host so that
-    cutting a batch to it never makes the GPU wait."""
+    """Columns up to the longest caption's <eos> (the rest is padding), on the host: cutting never waits for a GPU."""
     is_eos = np.asarray(captions) == EOS
     return int(np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, is_eos.shape[-1]).max())
-
 
 class Captioner(nn.Module):
     """What both captioners share: p(c|I) and decoding, written once over encode / init_state / step."""
@@ -202,19 +183,17 @@ class Captioner(nn.Module):
     def next_word_log_probs(self, memory, words, state):
         log_probs, state = self.step(memory, words, state)
         # <pad> and <bos> are never targets in training: never emit them (their mass stays in p)
-        blocked = torch.zeros_like(log_probs, dtype=torch.bool)
-        blocked[:, [PAD, BOS]] = True
-        return log_probs, log_probs.masked_fill(blocked, -math.inf), state
+        allowed = log_probs.clone()
+        allowed[:, [PAD, BOS]] = -math.inf
+        return log_probs, allowed, state
 
     def greedy(self, feats, max_len):
         """Most probable next word at each step: (captions (B, max_len), their log p(c|I) (B,))."""
-        memory = self.encode(feats)
+        memory, batch, device = self.encode(feats), feats.shape[0], feats.device
         state = self.init_state(memory)
-        batch = feats.shape[0]
-        words = torch.full((batch,), BOS, dtype=torch.long, device=feats.device)
-        captions = torch.full((batch, max_len), PAD, dtype=torch.long, device=feats.device)
-        total = torch.zeros(batch, device=feats.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=feats.device)
+        words = torch.full((batch,), BOS, dtype=torch.long, device=device)
+        captions = torch.full((batch, max_len), PAD, dtype=torch.long, device=device)
+        total, done = torch.zeros(batch, device=device), torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_len):
             log_probs, allowed, state = self.next_word_log_probs(memory, words, state)
             words = allowed.argmax(1)
@@ -228,11 +207,9 @@ class Captioner(nn.Module):
     def beam_search(self, feats, beam_size, max_len):
         """The beam_size best partial captions per image kept at every step, all images at once;
         a finished caption keeps its score and competes with the unfinished ones to the end."""
-        memory = self.encode(feats)
-        batch, k = feats.shape[0], beam_size
-        memory = tuple(m.repeat_interleave(k, 0) for m in memory)
+        batch, k, device = feats.shape[0], beam_size, feats.device
+        memory = tuple(m.repeat_interleave(k, 0) for m in self.encode(feats))
         state = self.init_state(memory)
-        device = feats.device
         scores = torch.zeros(batch, k, device=device)
         scores[:, 1:] = -math.inf  # the k beams start identical: expand only the first
         words = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
@@ -260,10 +237,9 @@ class Captioner(nn.Module):
     def generate(self, feats, beam_size, max_len):
         return self.greedy(feats, max_len) if beam_size == 1 else self.beam_search(feats, beam_size, max_len)
 
-
 class ShowTell(Captioner):
-    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of
-    its regions), projected, is the LSTM's first input; <bos> and the words follow."""
+    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of its regions),
+    projected, is the LSTM's first input; <bos> and the words follow."""
     kind = "showtell"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -289,7 +265,6 @@ class ShowTell(Captioner):
         previous = torch.cat([torch.full_like(captions[:, :1], BOS), captions[:, :-1]], 1)
         out, _ = self.lstm(torch.cat([memory[0].unsqueeze(1), self.word_embed(previous)], 1))
         return F.log_softmax(self.classifier(self.dropout(out[:, 1:])), -1)
-
 
 class AdaptiveAttention(Captioner):
     """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; a visual sentinel
@@ -341,63 +316,28 @@ class AdaptiveAttention(Captioner):
             steps.append(log_probs)
         return torch.stack(steps, 1)
 
-
 def standardize_features(model, features, n=2000):
-    """Per-dimension mean and std of region features over (up to n) training images, frozen into the
-    model: what varies between images then has unit scale from the first step (a frozen BatchNorm,
-    as self-critical.pytorch's --use_bn). Without it the toy world's captioners ignore the image."""
+    """Per-dimension mean and std of region features over (up to n) training images, frozen into the model (a frozen
+    BatchNorm, as self-critical.pytorch's --use_bn): without it the toy world's captioners ignore the image."""
     sample = torch.from_numpy(np.array(features[:n], dtype=np.float32)).flatten(0, 1)
     sample = sample[torch.isfinite(sample).all(1)]  # a NaN image is reported by the training loop, not spread
     model.feat_mean.copy_(sample.mean(0))
     model.feat_std.copy_(sample.std(0).clamp_min(1e-6))
     return model
 
-
 CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
 
-def captioner_record(model):
-    """What rebuilds the model from the file alone: its class, constructor arguments and weights."""
-    return {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
-
-
-def load_captioner(path, vocab, feat_dim, device, dataset):
-    """A captioner rebuilt from a checkpoint's model record (kind, constructor arguments, weights)."""
-    ckpt = load_checkpoint(path)
-    record = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(record.get("kwargs"), dict)
-            and isinstance(record.get("state"), dict) and isinstance(ckpt.get("vocab"), list)):
-        raise DataError(f"{path} is not a checkpoint written by cl_captioning.py")
-    if record["kwargs"].get("feat_dim") != feat_dim:
-        raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
-                        f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
-    saved_vocab = Vocab(ckpt["vocab"])
-    if saved_vocab != vocab:
-        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
-                        f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
-    try:
-        model = CAPTIONERS[record["kind"]](**record["kwargs"])
-        model.load_state_dict(record["state"])
-    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
-        raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
-    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
-        raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
-    return model.to(device), ckpt
-
-
 # --- Maximum likelihood (Eq. 1) --------------------------------------------------------------------
-
 def mle_loss(log_probs, captions):
     """-Eq. 1 per word: the negative log-likelihood of the ground-truth words, averaged over words."""
     return -log_probs.sum() / caption_mask(captions).sum()
 
 
 # --- Contrastive learning (Sec. 4.2) ---------------------------------------------------------------
-
 def log_ratio(log_p_target, log_p_ref):
     """G((c, I); theta, phi) = ln p_m(c|I, theta) - ln p_n(c|I, phi)   (Eq. 7)."""
     return log_p_target - log_p_ref
-
 
 def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0, terms="both"):
     """-J(theta) (Eq. 10) for T_m positives (shape (B,)) and K rounds of negatives (shape (K, B)).
@@ -409,7 +349,6 @@ def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0
     J = {"both": positive + negative, "pos": positive, "neg": negative}[terms]
     return -J
 
-
 def sample_negatives(image_ids, n_images, K, rng):
     """K rounds of mismatched images (K, B): for image I_t, one whose captions form c_/t in C_/I_t
     (Sec. 4.2). Offsets 1..N-1 make it uniform over the *other* images of the split, never I_t."""
@@ -418,13 +357,12 @@ def sample_negatives(image_ids, n_images, K, rng):
     offsets = rng.integers(1, n_images, size=(K, len(image_ids)))
     return (np.asarray(image_ids)[None, :] + offsets) % n_images
 
-
 def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
     """log p_m and log p_n of the positives (B,) and of the K*B negatives (K, B) in one batched forward
     per model; each image is encoded once and shared by its (1 + K) * 5 captions."""
     K, n_pos = neg_captions.shape[0], pos_captions.shape[0]
     captions = torch.cat([pos_captions, neg_captions.reshape(K * n_pos, -1)])
-    image_index = torch.arange(feats.shape[0], device=feats.device).repeat_interleave(CAPS_PER_IMAGE).repeat(1 + K)
+    image_index = own_images(feats.shape[0], feats.device).repeat(1 + K)
     logp_target = target(feats, captions, image_index)  # target: the captioner or its DDP wrapper
     with torch.no_grad():  # the reference is frozen (and in eval mode: no dropout)
         logp_ref = reference(feats, captions, image_index)
@@ -433,124 +371,10 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
 
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
-
-def captioning_test_split(dataset):
-    """The captioning test split: Karpathy's 5,000 COCO test images are SCAN's testall (its test is
-    only the first 1,000); Flickr30K's is test."""
-    return "testall" if dataset == "coco" else "test"
-
-
-def load_image_ids(root, split, n_images):
-    """COCO / Flickr image ids of a split from SCAN's {split}_ids.txt, one a line per image or per
-    caption (then 5 equal lines per image); without the file, the row index."""
-    path = Path(root) / f"{split}_ids.txt"
-    if not path.is_file():
-        return list(range(n_images))
-    try:
-        ids = [int(line) for line in path.read_text().split()]
-    except ValueError:
-        raise DataError(f"{path} must hold one integer image id a line")
-    if len(ids) == CAPS_PER_IMAGE * n_images and all(len(set(ids[i:i + CAPS_PER_IMAGE])) == 1
-                                                     for i in range(0, len(ids), CAPS_PER_IMAGE)):
-        ids = ids[::CAPS_PER_IMAGE]
-    if len(ids) != n_images or len(set(ids)) != n_images:
-        raise DataError(f"{path} must hold {n_images} distinct image ids (one per image, or one per caption), "
-                        f"got {len(ids)} lines with {len(set(ids))} distinct ids")
-    return ids
-
-
-def quiet(function, *args):
-    """pycocotools prints a line per index it builds: keep the table readable."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return function(*args)
-
-
-def coco_ground_truth(references, image_ids):
-    """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
-    from pycocotools.coco import COCO
-    coco = COCO()
-    coco.dataset = {"images": [{"id": int(i)} for i in image_ids],
-                    "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
-                                    for n, (i, refs) in enumerate(zip(image_ids, references))
-                                    for k, caption in enumerate(refs)]}
-    quiet(coco.createIndex)
-    return coco
-
-
-def coco_results(candidates, image_ids):
-    """The COCO caption results format, as the online test server takes it: one caption per image."""
-    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
-
-
-def results_path(checkpoint_path, split):
-    """Where --eval and a run's test evaluation write the captions: beside the checkpoint."""
-    return Path(checkpoint_path).with_name(f"captions_{split}_{Path(checkpoint_path).stem}_results.json")
-
-
-def ptb_available():
-    return shutil.which("java") is not None
-
-
-def scores_note():
-    return "PTB-tokenised COCO-official scores" if ptb_available() else "not PTB-tokenised: java not found"
-
-
-@functools.lru_cache(maxsize=None)
-def warn_no_java():
-    print(f"warning: {scores_note()}: scores use [a-z]+ tokens (not COCO-official), without METEOR", file=sys.stderr)
-
-
-@functools.lru_cache(maxsize=None)
-def meteor_scorer():
-    """One METEOR java process for the whole run: starting one takes seconds."""
-    from pycocoevalcap.meteor.meteor import Meteor
-    return Meteor()
-
-
-def meteor(gts, res):
-    scorer = meteor_scorer()
-    try:
-        return scorer.compute_score(gts, res)[0]
-    except BaseException:  # Ctrl-C mid-score leaves pycocoevalcap's lock held: its __del__ would wait forever at exit
-        scorer.meteor_p.kill()
-        scorer.lock.release() if scorer.lock.locked() else None
-        meteor_scorer.cache_clear()
-        raise
-
-
-def caption_metrics(coco, results):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file, read with loadRes)
-    against the references in coco: pycocoevalcap's COCOEvalCap.evaluate without SPICE, which downloads
-    Stanford models at run time. Both sides go through the PTB tokenizer as there; without Java, through
-    common.tokenize ([a-z]+) and without METEOR."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    coco_res = quiet(coco.loadRes, str(results) if isinstance(results, Path) else results)
-    image_ids = coco.getImgIds()
-    gts = {i: coco.imgToAnns[i] for i in image_ids}
-    res = {i: coco_res.imgToAnns[i] for i in image_ids}
-    if ptb_available():
-        tokenizer = PTBTokenizer()
-        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-    else:
-        warn_no_java()
-        gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
-    if ptb_available():
-        scores["METEOR"] = meteor(gts, res)
-    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
-    return scores
-
-
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
-    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t. Recall@k (in %) of
-    image t among the k images that give c_t the highest probability (Sec. 4.1); k is capped by N.
-    Ties count against the query, as coder_retrieval.recall_at_k: rank = the number of *other* images
-    scoring >= the own one, so an image-blind captioner scores 0, not 100; a NaN is a miss."""
+    """logp[t, j] = log p(c_t | I_j) for the caption c_t generated for image t: recall@k (in %) of image t among the k
+    images that give c_t the highest probability (Sec. 4.1), k capped by N. Ties count against the query (rank =
+    the *other* images scoring >= the own one): an image-blind captioner scores 0, not 100; a NaN is a miss."""
     logp = torch.as_tensor(logp)
     n = len(logp)
     own = logp.diagonal()[:, None]
@@ -559,22 +383,13 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
     rank[own[:, 0].isnan()] = n  # beyond every k
     return {f"R@{k}": 100.0 * (rank < min(k, n)).double().mean().item() for k in ks}
 
-
-def encode_images(model, features, ids, device, chunk=500):
-    """Encoded memory of many images, read from the memory map a chunk at a time."""
-    parts = [model.encode(image_batch(features, ids[i:i + chunk], device)) for i in range(0, len(ids), chunk)]
-    return tuple(torch.cat(p) for p in zip(*parts))
-
-
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j), at most pairs_per_forward (caption, image) pairs a forward:
-    a block of captions against all N images, or, when N is larger, one caption against a block of
-    images. Memory stays fixed as N grows (the (N, N) result aside, held on the host): the encoded
-    images and one forward's (pairs, words, vocabulary) log-probs."""
+    """The (N, N) matrix log p(c_t | I_j) on the host, images encoded once, at most pairs_per_forward (caption, image)
+    pairs a forward (captions against all N images, or one against a block of them): memory stays fixed as N grows."""
     model.eval()
-    memory = encode_images(model, features, ids, device)
-    n = len(ids)
+    parts = [model.encode(image_batch(features, ids[i:i + 500], device)) for i in range(0, len(ids), 500)]
+    memory, n = tuple(torch.cat(p) for p in zip(*parts)), len(ids)
     image_block = min(n, pairs_per_forward)
     caption_block = max(1, pairs_per_forward // image_block)
     logp = torch.empty(n, n)
@@ -588,18 +403,15 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
             ).reshape(-1, len(images)).float().cpu()
     return logp
 
-
 @torch.no_grad()
 def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
     model.eval()
     return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
                       for i in range(0, len(ids), batch)])
 
-
 def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
-    """Caption metrics of the model's captions for every image, and self-retrieval recall on the first
-    --retrieval-images. With results_file the captions are written in the COCO results format and scored
-    from that file."""
+    """Caption metrics (Sec. 5) of the model's captions for every image, self-retrieval recall on the first
+    --retrieval-images; with results_file, scored from the captions written there in the COCO results format."""
     ids = np.arange(len(features))
     generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
@@ -607,7 +419,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     results = coco_results(candidates, image_ids)
     if results_file is not None:
         Path(results_file).write_text(json.dumps(results))
-        results = Path(results_file)
+        results = str(results_file)
     scores = caption_metrics(coco_ground_truth(references, image_ids), results)
     n = min(args.retrieval_images, len(ids))
     if n > 0:
@@ -615,19 +427,8 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
         scores.update(self_retrieval_recall(logp))
     return scores, candidates
 
-
-def print_table(columns, title):
-    """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
-    names = list(columns)
-    metrics = [m for m in next(iter(columns.values()))]
-    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in names))
-    for metric in metrics:
-        scale = 1 if metric.startswith("R@") else 100
-        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
-
-
 def validate(model, dev, vocab, args, device):
-    """Per-epoch model selection on the dev split: CIDEr of greedy captions (and, if asked, R@1)."""
+    """Per-epoch model selection: the CIDEr of greedy captions of the dev split."""
     from pycocoevalcap.cider.cider import Cider
     features, captions = dev
     ids = np.arange(min(args.val_images, len(features)))
@@ -636,8 +437,140 @@ def validate(model, dev, vocab, args, device):
     return float(Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0])
 
 
-# --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
+# --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
+def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
+    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each rank
+    trains on its share of every global batch (`keep`: the images trained on); rank 0 alone validates and saves."""
+    rank, world_size, device = setup_ddp()
+    (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
+        model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    run = start_run(args, target, reference, optimizer, vocab, out_dir, keep)  # step, epoch, best; --resume: last.pt's
+    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            target.train()
+            for global_ids, mine in batches(keep, epoch, run):  # this rank's share of a global batch; resumable
+                ids = global_ids[mine]
+                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
+                with autocast:
+                    if reference is None:  # MLE on the 5 ground-truth captions c_t of each image I_t
+                        pos, = on_device(device, pos)
+                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
+                    else:  # CL: K rounds of captions c_/t of other images, drawn alike on every rank (Sec. 4.2)
+                        rng = np.random.default_rng([args.seed, run.step])  # fresh each step, replayed by --resume
+                        neg = captions[sample_negatives(global_ids, len(captions), args.K, rng)[:, mine]]
+                        pos, neg = on_device(device, pos, neg.reshape(args.K, len(pos), -1))
+                        log_probs = contrastive_log_probs(model, reference, feats, pos, neg)  # ln p_m, ln p_n
+                        loss = cl_loss(*log_probs, args.nu, args.terms)  # -J (Eq. 10)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_value_(target.parameters(), args.grad_clip)  # as the authors' code
+                optimizer.step()
+                run.step += 1
+                if after_step(run, loss, len(ids), epoch):  # progress; last.pt every --save-every; True at --max-steps
+                    return finish(run)
+            keep_best(run, epoch, dev)  # dev CIDEr; best.pt when it is the best so far
+            if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
+                reference.load_state_dict(run.best_state)  # the best target so far becomes the reference (Sec. 4.3)
+                if rank == 0:
+                    print("reference replaced by the best target so far")
+            save_last(run, epoch + 1)
+    except KeyboardInterrupt:
+        save_last(run, epoch)
+        if rank == 0:
+            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
+        raise SystemExit(130)
+    return finish(run)
 
+
+# --- Main ---------------------------------------------------------------------------------------------
+def captioners(args, vocab, train_features, device):
+    """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
+    feat_dim = train_features.shape[2]
+    if args.stage == "mle":
+        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
+        return standardize_features(target, train_features).to(device), None
+    reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
+    target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
+    if args.target_dropout is not None:
+        target.dropout.p = target.kwargs["dropout"] = args.target_dropout
+    shape = lambda m: (m.kind, {k: v for k, v in m.kwargs.items() if k != "dropout"})
+    if args.replace_ref_every and shape(target) != shape(reference):
+        raise DataError("--replace-ref-every needs target and reference of the same architecture")
+    return target, reference
+
+def test_report(args, best_path, test, vocab, device):
+    """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
+    split, n = captioning_test_split(args.dataset), len(test[0])
+    image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
+    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " + (
+        "PTB-tokenised COCO-official scores)" if ptb_available() else "not PTB-tokenised: java not found)")
+    score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
+                                                *test, vocab, args, device, image_ids, results)
+    results = Path(best_path).with_name(f"captions_{split}_{Path(best_path).stem}_results.json")  # beside it
+    target_scores, target_captions = score(best_path, results)
+    if args.stage == "mle" or args.eval:
+        print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
+        print(f"\ncaptions in COCO results format: {results}")
+        if not args.eval:
+            data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
+                f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
+            print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
+                  f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
+        return target_scores
+    columns = {"reference": score(args.ref)}  # the reference as it was before training
+    if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
+        columns["target before CL"] = score(args.init)
+    columns["CL target"] = target_scores, target_captions
+    print_table({name: scores for name, (scores, _) in columns.items()}, title)
+    print(f"\nexamples (Figure 2): the first {args.examples} test images")
+    for i in range(min(args.examples, n)):
+        print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
+              f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
+    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results}")
+    return {"reference": columns["reference"][0], "target": target_scores}
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root, test_split = prepare_data(args.dataset, args.data_root), captioning_test_split(args.dataset)
+    train_features, train_text = load_split(root, "train")
+    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
+    test = load_split(root, test_split)
+    finite_images(test[0], test_split)  # up front: never a table computed from NaN
+    require_memory(args, len(vocab), device)
+    if args.eval:
+        return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
+    dev = load_split(root, "dev")
+    for split, features in (("dev", dev[0]), (test_split, test[0])):
+        if features.shape[2] != train_features.shape[2]:
+            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
+                            f"{train_features.shape[2]}; every split of --data-root must come from one detector")
+    finite_images(dev[0][:args.val_images], "dev")
+    keep = finite_images(train_features, "train", args.skip_nonfinite)
+    target, reference = captioners(args, vocab, train_features, device)
+    out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
+    release = lock(out_dir) if rank == 0 else (lambda: None)  # one run per folder; fails now if it is not writable
+    if rank == 0:
+        print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
+              f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
+              f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
+              f"; checkpoints in {out_dir}/")
+    try:
+        best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
+                          dev, vocab, out_dir, keep)
+    finally:
+        release()
+    return test_report(args, best_path, test, vocab, device) if rank == 0 else None
+
+
+# --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, checks, scoring wrappers) ---------
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
@@ -648,10 +581,121 @@ def setup_ddp():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
+def epoch_order(n_images, seed, epoch, world_size=1):
+    """An epoch's shuffled images, from (seed, epoch) alone: the same on every rank, replayed by --resume. Under DDP
+    it wraps around to a multiple of the world size (as DistributedSampler pads): every rank has a last batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_images)
+    return np.concatenate([order, order[: -n_images % world_size]])
+
+def rank_share(global_ids, rank, world_size):
+    """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
+    return np.array_split(np.arange(len(global_ids)), world_size)[rank]
+
+def batches(keep, epoch, run):
+    """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
+    args = run.args
+    order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
+    done = run.step - epoch * run.steps_per_epoch
+    run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
+                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
+                   initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
+    run.tick = time.perf_counter()
+    for start in range(done * global_batch, len(order), global_batch):
+        global_ids = np.sort(order[start:start + global_batch])
+        yield global_ids, rank_share(global_ids, run.rank, run.world_size)
+        run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
+    run.bar.close()
+
+def on_device(device, *captions):  # cut to the longest caption: the rest is padding
+    length = max(used_length(c) for c in captions)
+    return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
+
+def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
+    """The run in one namespace: what a checkpoint holds and the loop's bookkeeping; --resume takes it from last.pt."""
+    rank, world_size, device = setup_ddp()
+    run = SimpleNamespace(args=args, target=target, reference=reference, optimizer=optimizer, vocab=vocab, rank=rank,
+                          world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf, best_state=None,
+                          last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0, seconds=0.0,
+                          kept=f"nothing saved yet in {out_dir}",
+                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
+                          steps_per_epoch=math.ceil(len(keep) / (args.batch_images * world_size)))
+    if args.resume:
+        resume(run)
+    return run
+
+def after_step(run, loss, n_images, epoch):
+    """Speed, progress, the loss kept for the finite check; last.pt every --save-every steps and at --max-steps (True)."""
+    now, args = time.perf_counter(), run.args
+    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
+    run.pending.append((run.step, loss.detach()))
+    if run.step % 25 == 0:  # reading the loss waits for the device: not every step
+        run.bar.set_postfix(loss=f"{check_finite_loss(run):.4f}", refresh=False)
+    stop = bool(args.max_steps) and run.step >= args.max_steps
+    if stop or args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
+    return stop
+
+def keep_best(run, epoch, dev):
+    """Dev CIDEr, rank 0's for every rank; best.pt and the best weights when it is the best so far."""
+    check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
+    box = [validate(run.target, dev, run.vocab, run.args, run.device) if run.rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0] > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
+        run.best_score, run.best_state = box[0], {k: v.detach().clone() for k, v in run.target.state_dict().items()}
+        if run.rank == 0:
+            save_checkpoint(checkpoint(run, epoch + 1), run.best)
+    if run.rank == 0:
+        print(f"epoch {epoch + 1}: dev CIDEr {100 * box[0]:.1f} (best {100 * run.best_score:.1f})")
+
+def finish(run):
+    if run.seen and run.rank == 0:
+        print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
+              (f" over {run.world_size} processes" if run.world_size > 1 else ""))
+    return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
+
+def check_finite_loss(run):
+    """The losses since the last look, read where the loop waits for the device anyway: a NaN or inf stops every rank
+    with one line, before anything is saved from it. Returns the latest loss."""
+    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
+    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
+    run.pending.clear()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
+                        f"{run.kept}; try a lower --lr, or check the data")
+    return values[-1] if values else math.nan
+
+def checkpoint(run, epoch):
+    """One plain dict; `epoch` is where a resumed run goes on. A model's record (class, constructor arguments,
+    weights) rebuilds it from the file alone; the reference is saved too: it may have been replaced (Sec. 4.3)."""
+    record = lambda model: {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
+    return {"model": record(run.target), "vocab": run.vocab.itos, "args": vars(run.args), "stage": run.args.stage,
+            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": run.optimizer.state_dict(),
+            "world_size": run.world_size, "reference": record(run.reference) if run.reference else None}
+
+def save_last(run, epoch):
+    """last.pt after a look at the losses since the last one (never what a NaN made), with every rank's torch RNG
+    states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    check_finite_loss(run)
+    ckpt, state = checkpoint(run, epoch), [torch.get_rng_state()]
+    if run.device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(run.device))
+    ckpt["rng"] = [state] * run.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(ckpt["rng"], state)  # a collective: on every rank
+    if run.rank == 0:
+        save_checkpoint(ckpt, run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
 
 def save_checkpoint(ckpt, path):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
-    leaves the old file or the new one, never a broken one."""
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) leaves the old
+    file or the new one, never a broken one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -668,368 +712,185 @@ def save_checkpoint(ckpt, path):
         raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
                         f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
 
-
 def nbytes(obj):
-    """The bytes of the tensors in a (nested) checkpoint."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
-
+    obj = list(obj.values()) if isinstance(obj, dict) else obj
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
-    returns what releases it."""
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over). Writing it
+    proves the folder writable now, not at the first checkpoint an hour later. Returns what releases it."""
     path = Path(out_dir) / ".lock"
-    while True:
-        try:
-            with open(path, "x") as f:
-                f.write(str(os.getpid()))
-            break
-        except FileExistsError:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
             try:
-                pid = int(path.read_text() or 0)
-                if pid != os.getpid():
-                    os.kill(pid, 0)  # no error: that process is alive
-                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                pass
-            path.unlink(missing_ok=True)
-    return lambda: path.unlink(missing_ok=True)
+                with open(path, "x") as f:
+                    f.write(str(os.getpid()))
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
+                    pid = int(path.read_text() or 0)
+                    if pid != os.getpid():
+                        os.kill(pid, 0)  # no error: that process is alive
+                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
 
+# What a checkpoint holds: --ref, --init and --eval need its model record and vocabulary, --resume all of it
+CHECKPOINT = dict(model=dict, vocab=list, args=dict, stage=str, step=int, epoch=int, best_score=float, optimizer=dict,
+                  world_size=int, rng=list)
 
-def require_memory(nbytes_needed, what, device):
-    """A size that cannot fit is refused before anything is allocated."""
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if nbytes_needed > total:
-        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
-                        f"of {device.type}")
-
-
-def load_checkpoint(path):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.py"):
+    """A checkpoint read safely (weights_only=True never runs code from a file); with `need`, one holding those keys
+    of CHECKPOINT, of their types, and the record of a captioner of this script, or it is not `what`."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+    record = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if need and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS
+                     and all(isinstance(record.get(k), dict) for k in ("kwargs", "state"))
+                     and all(isinstance(ckpt.get(k), CHECKPOINT[k]) for k in need)):
+        raise DataError(f"{path} is not {what}")
+    return ckpt
 
+def load_captioner(path, vocab, feat_dim, device, dataset):
+    """A captioner rebuilt from a checkpoint's model record, checked against the data it will see."""
+    ckpt = load_checkpoint(path, need=("model", "vocab"))
+    record = ckpt["model"]
+    if record["kwargs"].get("feat_dim") != feat_dim:
+        raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
+                        f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
+    saved_vocab = Vocab(ckpt["vocab"])
+    if saved_vocab != vocab:
+        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
+                        f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
+    try:
+        model = CAPTIONERS[record["kind"]](**record["kwargs"])
+        model.load_state_dict(record["state"])
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
+        raise DataError(f"{path} holds a {record['kind']} captioner this script cannot rebuild ({type(e).__name__})")
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
+    return model.to(device), ckpt
 
-def rng_states(device):
-    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
-    masks the uninterrupted one would. A collective under torchrun."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
-
-
-def check_finite_loss(run):
-    """A look at the losses of the steps since the last one, only where the loop waits for the device
-    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
-    values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
-    bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
-    run.pending.clear()
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, bad)
-        bad = sorted(sum(everyone, []))[:1]
-    if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
-                        f"{run.kept}; try a lower --lr, or check the data")
-
-
-def checkpoint(run, target, reference, optimizer, vocab, args, epoch, best=False):
-    """One plain dict; `epoch` is where a resumed run goes on. The reference is saved too: it may have
-    been replaced (Sec. 4.3). best.pt leaves out the RNG states."""
-    ckpt = {"model": captioner_record(target), "vocab": vocab.itos, "args": vars(args), "stage": args.stage,
-            "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": optimizer.state_dict(),
-            "world_size": run.world_size, "reference": captioner_record(reference) if reference else None}
-    return ckpt if best else dict(ckpt, rng=rng_states(run.device))
-
-
-def save_last(run, epoch, *state):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run)
-    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
-    if run.rank == 0:
-        save_checkpoint(ckpt, run.last)
-    run.kept = f"{run.last} keeps step {run.step}"
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resume(args, run, target, reference, optimizer):
+def resume(run):
     """Go on from last.pt of --out-dir as if never stopped."""
-    ckpt, need = load_checkpoint(run.last), dict(model=dict, args=dict, stage=str, step=int, epoch=int, best_score=float,
-                                                 optimizer=dict, rng=list, world_size=int)
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()):
-        raise DataError(f"{run.last} is not a last.pt written by cl_captioning.py; pass another --out-dir")
-    if ckpt.get("stage") != args.stage or ckpt["model"]["kind"] != target.kind or ckpt["model"]["kwargs"] != target.kwargs:
-        raise DataError(f"{run.last} holds another run ({ckpt.get('stage')}, {ckpt['model']['kind']} "
-                        f"{ckpt['model']['kwargs']}); resume with the flags of that run, or another --out-dir")
+    args, ckpt = run.args, load_checkpoint(run.last, CHECKPOINT, "a last.pt written by cl_captioning.py; pass "
+                                                                 "another --out-dir")
+    model, saved = ckpt["model"], dict(ckpt["args"], world_size=ckpt["world_size"])
+    if ckpt["stage"] != args.stage or model["kind"] != run.target.kind or model["kwargs"] != run.target.kwargs:
+        raise DataError(f"{run.last} holds another run ({ckpt['stage']}, {model['kind']} {model['kwargs']}); resume "
+                        f"with the flags of that run, or another --out-dir")
     for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
                         ("world_size", run.world_size)):  # they fix the order of the batches
-        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
-                            f"{value}; resume with the same")
-    target.load_state_dict(ckpt["model"]["state"])
-    if reference is not None:
-        reference.load_state_dict(ckpt["reference"]["state"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+        if saved.get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+    run.target.load_state_dict(model["state"])
+    if run.reference is not None:
+        run.reference.load_state_dict(ckpt["reference"]["state"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"][run.rank][0])
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    run.step, run.epoch, run.best_score, run.kept = ckpt["step"], ckpt["epoch"], ckpt["best_score"], f"{run.last} keeps step {ckpt['step']}"
-    if reference is not None and args.replace_ref_every and run.best_score > -math.inf:
+    run.step, run.epoch, run.best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
+    run.kept = f"{run.last} keeps step {run.step}"
+    if run.reference is not None and args.replace_ref_every and run.best_score > -math.inf:
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
+def require_memory(args, vocab_size, device):
+    """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    per_caption, rounds = (args.max_words + 1) * vocab_size * 4, 1 + args.K * (args.stage == "cl")  # float32 bytes
+    for needed, what in ((per_caption * rounds * CAPS_PER_IMAGE * args.batch_images,
+                          f"a step's word log-probs ({args.batch_images} images x 5 captions x {rounds})"),
+                         (per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}")):
+        if needed > total:
+            raise DataError(f"{what} would need {needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
+                            f"of {device.type}")
 
-# --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
+def captioning_test_split(dataset):
+    """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
+    return "testall" if dataset == "coco" else "test"
 
-def epoch_order(n_images, seed, epoch, world_size=1):
-    """The shuffled images of an epoch, the same on every rank: it depends on (seed, epoch) only, so
-    --resume replays it. Under DDP it wraps around to a multiple of the world size (as
-    DistributedSampler pads) so that every rank has images in the last batch."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_images)
-    return np.concatenate([order, order[: -n_images % world_size]])
+def coco_results(candidates, image_ids):
+    """The COCO caption results format, as the online test server takes it: one caption per image."""
+    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
 
+def coco_ground_truth(references, image_ids):
+    """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = {"images": [{"id": int(i)} for i in image_ids],
+                    "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
+                                    for n, (i, refs) in enumerate(zip(image_ids, references))
+                                    for k, caption in enumerate(refs)]}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a line per index it builds
+        coco.createIndex()
+    return coco
 
-def rank_share(global_ids, rank, world_size):
-    """Positions in a global batch that this rank trains on: contiguous, disjoint, sizes differ by <= 1."""
-    return np.array_split(np.arange(len(global_ids)), world_size)[rank]
+def caption_metrics(coco, results):
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against coco: COCOEvalCap.evaluate
+    without SPICE (it downloads models at run time), PTB-tokenised as there; without Java, [a-z]+ tokens, no METEOR."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_res = coco.loadRes(results)
+    gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
+    if ptb_available():
+        tokenizer = PTBTokenizer()
+        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    else:
+        warn_no_java()
+        gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
+    if ptb_available():
+        scores["METEOR"] = meteor(gts, res)
+    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return scores
 
+def ptb_available():
+    return shutil.which("java") is not None
 
-def batches(keep, args, epoch, run):
-    """(global batch, this rank's positions in it) for the rest of the epoch; a progress bar in captions/s."""
-    order, global_batch = keep[epoch_order(len(keep), args.seed, epoch, run.world_size)], args.batch_images * run.world_size
-    done = run.step - epoch * run.steps_per_epoch
-    run.bar = tqdm(total=len(order) * CAPS_PER_IMAGE, unit="cap", unit_scale=True, dynamic_ncols=True,
-                   desc=f"{args.stage} epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0,
-                   initial=min(done * global_batch, len(order)) * CAPS_PER_IMAGE)
-    run.tick = time.perf_counter()
-    for start in range(done * global_batch, len(order), global_batch):
-        global_ids = np.sort(order[start:start + global_batch])
-        yield global_ids, rank_share(global_ids, run.rank, run.world_size)
-        run.bar.update(len(global_ids) * CAPS_PER_IMAGE)
-    run.bar.close()
+@functools.lru_cache(maxsize=None)
+def warn_no_java():
+    print("warning: not PTB-tokenised: java not found: scores use [a-z]+ tokens (not COCO-official), without METEOR",
+          file=sys.stderr)
 
+@functools.lru_cache(maxsize=None)
+def meteor_scorer():
+    """One METEOR java process for the whole run: starting one takes seconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
 
-def on_device(device, *captions):
-    """Caption id arrays cut to their longest caption (the rest is padding), as tensors on the device."""
-    length = max(used_length(c) for c in captions)
-    return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
-
-
-def own_images(n_images, device):
-    """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
-    return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
-
-def negative_captions(captions, global_ids, mine, K, seed, step):
-    """K rounds of captions c_/t of other images (K, 5B, T), fresh every step, reproducible from (seed, step);
-    drawn for the global batch, the same on every rank, each rank taking its own columns (Sec. 4.2)."""
-    neg_ids = sample_negatives(global_ids, len(captions), K, np.random.default_rng([seed, step]))
-    return captions[neg_ids[:, mine]].reshape(K, len(mine) * CAPS_PER_IMAGE, -1)
-
-
-def optimizer_step(target, optimizer, loss, grad_clip):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_value_(target.parameters(), grad_clip)
-    optimizer.step()
-
-
-def after_step(run, loss, n_images, args, epoch, state):
-    """The loss kept for the next look, progress, last.pt every --save-every steps; True at --max-steps."""
-    now = time.perf_counter()
-    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
-    run.pending.append((run.step, loss.detach()))
-    if run.step % 25 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run)
-        run.bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if args.max_steps and run.step >= args.max_steps:
-        return True
-    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
-        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
-    return False
-
-
-def end_of_epoch(run, epoch, dev, state):
-    """Dev CIDEr, best.pt, reference replacement (Sec. 4.3), then last.pt."""
-    target, reference, _, vocab, args = state
-    check_finite_loss(run)  # never a dev score or best.pt from non-finite weights
-    box = [validate(target, dev, vocab, args, run.device) if run.rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    cider = box[0]
-    if cider > run.best_score:  # decided on rank 0's score: every rank keeps the same best_state
-        run.best_score = cider
-        run.best_state = {k: v.detach().clone() for k, v in target.state_dict().items()}
-        if run.rank == 0:
-            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
-    if run.rank == 0:
-        print(f"epoch {epoch + 1}: dev CIDEr {100 * cider:.1f} (best {100 * run.best_score:.1f})")
-    if reference is not None and args.replace_ref_every and (epoch + 1) % args.replace_ref_every == 0:
-        reference.load_state_dict(run.best_state)  # the latest best target becomes the reference (Sec. 4.3)
-        if run.rank == 0:
-            print("reference replaced by the best target so far")
-    save_last(run, epoch + 1, *state)
-
-
-def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
-    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each
-    rank trains on its share of every global batch of batch_images x world_size images (`keep`: the
-    images trained on); rank 0 alone validates, prints and saves while the others wait."""
-    rank, world_size, device = setup_ddp()
-    (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
-    if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
-        model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    state = (target, reference, optimizer, vocab, args)
-    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf,
-                          best_state=None, last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0,
-                          seconds=0.0, kept=f"nothing saved yet in {out_dir}",
-                          loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
-                          steps_per_epoch=math.ceil(len(epoch_order(len(keep), 0, 0, world_size)) /
-                                                    (args.batch_images * world_size)))
-    if args.resume:
-        resume(args, run, target, reference, optimizer)
-    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
+def meteor(gts, res):
+    scorer = meteor_scorer()
     try:
-        for epoch in range(run.epoch, args.epochs):
-            target.train()
-            for global_ids, mine in batches(keep, args, epoch, run):  # sharded under torchrun, resumable
-                ids = global_ids[mine]
-                feats, pos = image_batch(features, ids, device), captions[ids].reshape(len(ids) * CAPS_PER_IMAGE, -1)
-                with autocast:
-                    if reference is None:
-                        pos, = on_device(device, pos)
-                        loss = mle_loss(model(feats, pos, own_images(len(ids), device)), pos)  # Eq. 1
-                    else:
-                        neg = negative_captions(captions, global_ids, mine, args.K, args.seed, run.step)  # Sec. 4.2
-                        pos, neg = on_device(device, pos, neg)
-                        loss = cl_loss(*contrastive_log_probs(model, reference, feats, pos, neg), args.nu, args.terms)
-                optimizer_step(target, optimizer, loss, args.grad_clip)
-                run.step += 1
-                if after_step(run, loss, len(ids), args, epoch, state):  # progress, last.pt; True at --max-steps
-                    save_last(run, epoch, *state)
-                    return finish(run)
-            end_of_epoch(run, epoch, dev, state)  # dev CIDEr, best.pt, reference replacement, last.pt
-    except KeyboardInterrupt:
-        save_last(run, epoch, *state)
-        if rank == 0:
-            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
-        raise SystemExit(130)
-    return finish(run)
+        return scorer.compute_score(gts, res)[0]
+    except BaseException:  # Ctrl-C mid-score leaves pycocoevalcap's lock held: its __del__ would wait forever at exit
+        scorer.meteor_p.kill()
+        scorer.lock.release() if scorer.lock.locked() else None
+        meteor_scorer.cache_clear()
+        raise
 
-
-def finish(run):
-    if run.seen and run.rank == 0:
-        print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
-              (f" over {run.world_size} processes" if run.world_size > 1 else ""))
-    return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
-
-
-# --- Main ---------------------------------------------------------------------------------------------
-
-def captioners(args, vocab, train_features, device):
-    """(target, reference): a new captioner for MLE (reference None), or both from checkpoints for CL."""
-    feat_dim = train_features.shape[2]
-    if args.stage == "mle":
-        target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
-        return standardize_features(target, train_features).to(device), None
-    reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
-    target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
-    if args.target_dropout is not None:
-        target.dropout.p = target.kwargs["dropout"] = args.target_dropout
-    shape = lambda m: (m.kind, {k: v for k, v in m.kwargs.items() if k != "dropout"})
-    if args.replace_ref_every and shape(target) != shape(reference):
-        raise DataError("--replace-ref-every needs target and reference of the same architecture")
-    return target, reference
-
-
-def test_report(args, best_path, test, vocab, device):
-    """The test table: MLE alone, or the reference (and the target before CL, Table 5) and the CL target."""
-    split, n = captioning_test_split(args.dataset), len(test[0])
-    image_ids = load_image_ids(prepare_data(args.dataset, args.data_root), split, n)
-    title = f"{split} split of {args.dataset} ({n} images; self-retrieval among {min(args.retrieval_images, n)}; " \
-            f"{scores_note()})"
-    score = lambda path, results=None: evaluate(load_captioner(path, vocab, test[0].shape[2], device, args.dataset)[0],
-                                                *test, vocab, args, device, image_ids, results)
-    target_scores, target_captions = score(best_path, results_path(best_path, split))
-    if args.stage == "mle" or args.eval:
-        print_table({Path(best_path).name if args.eval else "MLE": target_scores}, title)
-        print(f"\ncaptions in COCO results format: {results_path(best_path, split)}")
-        if not args.eval:
-            data = "" if args.dataset == "toy" and not args.data_root else f" --dataset {args.dataset}" + (
-                f" --data-root {shlex.quote(args.data_root)}" if args.data_root else "")
-            print(f"best checkpoint: {best_path}\nnext, contrastive learning against it:\n"
-                  f"    python cl_captioning.py --ref {shlex.quote(str(best_path))}{data}")
-        return target_scores
-    columns = {"reference": score(args.ref)}  # the reference as it was before training
-    if args.init and Path(args.init).resolve() != Path(args.ref).resolve():  # Table 5: the target before CL too
-        columns["target before CL"] = score(args.init)
-    columns["CL target"] = target_scores, target_captions
-    print_table({name: scores for name, (scores, _) in columns.items()}, title)
-    print(f"\nexamples (Figure 2): the first {args.examples} test images")
-    for i in range(min(args.examples, n)):
-        print(f"  image {i}: human:     {max(test[1][CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)], key=len)}\n"
-              f"           reference: {columns['reference'][1][i]}\n           target:    {target_captions[i]}")
-    print(f"\nbest CL checkpoint: {best_path}\ncaptions in COCO results format: {results_path(best_path, split)}")
-    return {"reference": columns["reference"][0], "target": target_scores}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = prepare_data(args.dataset, args.data_root)
-    train_features, train_text = load_split(root, "train")
-    vocab = Vocab.build((tokenize(c) for c in train_text), args.min_count)
-    test = load_split(root, captioning_test_split(args.dataset))
-    finite_images(test[0], captioning_test_split(args.dataset))  # up front: never a table computed from NaN
-    per_caption, rounds = (args.max_words + 1) * len(vocab) * 4, 1 + args.K * (args.stage == "cl")  # bytes of log-probs
-    require_memory(per_caption * rounds * CAPS_PER_IMAGE * args.batch_images, f"a step's word log-probs "
-                   f"({args.batch_images} images x 5 captions x {rounds})", device)
-    require_memory(per_caption * args.pairs_per_forward, f"--pairs-per-forward {args.pairs_per_forward}", device)
-    if args.eval:
-        return test_report(args, args.eval, test, vocab, device) if rank == 0 else None
-    dev = load_split(root, "dev")
-    for split, features in (("dev", dev[0]), (captioning_test_split(args.dataset), test[0])):
-        if features.shape[2] != train_features.shape[2]:
-            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's "
-                            f"{train_features.shape[2]}; every split of --data-root must come from one detector")
-    finite_images(dev[0][:args.val_images], "dev")
-    keep = finite_images(train_features, "train", args.skip_nonfinite)
-    target, reference = captioners(args, vocab, train_features, device)
-    out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
-    try:  # fail now, not at the first checkpoint an hour later
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f".write-test-{os.getpid()}").touch()
-        (out_dir / f".write-test-{os.getpid()}").unlink()
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
-    release = lock(out_dir) if rank == 0 else (lambda: None)
-    if rank == 0:
-        print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
-              f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
-              f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
-              f"; checkpoints in {out_dir}/")
-    try:
-        best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
-                          dev, vocab, out_dir, keep)
-    finally:
-        release()
-    return test_report(args, best_path, test, vocab, device) if rank == 0 else None
+def print_table(columns, title):
+    """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
+    names = list(columns)
+    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in names))
+    for metric in next(iter(columns.values())):
+        scale = 1 if metric.startswith("R@") else 100
+        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
 
 
 if __name__ == "__main__":

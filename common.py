@@ -116,6 +116,25 @@ def read_captions(path):
     return captions
 
 
+def load_image_ids(root, split, n_images):
+    """COCO / Flickr image ids from SCAN's {split}_ids.txt, a line per image or per caption (5 equal lines an
+    image); without the file, the row index."""
+    path = Path(root) / f"{split}_ids.txt"
+    if not path.is_file():
+        return list(range(n_images))
+    try:
+        ids = [int(line) for line in path.read_text().split()]
+    except ValueError:
+        raise DataError(f"{path} must hold one integer image id a line")
+    if len(ids) == CAPS_PER_IMAGE * n_images and all(len(set(ids[i:i + CAPS_PER_IMAGE])) == 1
+                                                     for i in range(0, len(ids), CAPS_PER_IMAGE)):
+        ids = ids[::CAPS_PER_IMAGE]
+    if len(ids) != n_images or len(set(ids)) != n_images:
+        raise DataError(f"{path} must hold {n_images} distinct image ids (one per image, or one per caption), "
+                        f"got {len(ids)} lines with {len(set(ids))} distinct ids")
+    return ids
+
+
 def nonfinite_images(features, chunk=64):
     """Indices of the images whose region features hold NaN or inf in float32, the dtype the models
     compute in: one sequential pass over the memory map, `chunk` images at a time."""
