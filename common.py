@@ -436,3 +436,17 @@ def toy_ceiling(root, split):
         return oracle_recall(json.loads(path.read_text()), load_split(root, split)[1])
     except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError):  # not a toy world's
         return None
+
+
+def weak_object_captions(root, split):
+    """Which captions of a toy split name a weak context object, one faint box in the features (_regions): level 2
+    names the scene's second object, level 3 also its third (objects[1:level]). Where CODER's concepts should help (Sec. 3.2): the
+    caption names what the image shows weakly, and the object's place and companions are seen. None for other data."""
+    path = Path(root) / f"{split}_scenes.json"
+    if not path.exists():
+        return None
+    try:
+        scenes = json.loads(path.read_text())
+        return np.array([any(o["weak"] for o in s["objects"][1:level]) for s in scenes for level in s["levels"]])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None

@@ -17,7 +17,8 @@ import torch.nn as nn
 import coder_retrieval as cr
 from conftest import Hostile, interrupt_after_first_save
 from test_cl import damaged, refused_in_one_line
-from common import CATEGORIES, _caption, DataError, caption_content, make_toy_world, oracle_recall, sayable, tokenize
+from common import (CATEGORIES, _caption, DataError, caption_content, make_toy_world, oracle_recall, sayable, tokenize,
+                    weak_object_captions)
 from coder_retrieval import load_checkpoint, save_checkpoint
 
 
@@ -422,6 +423,20 @@ def test_toy_captions_name_objects_whose_features_are_weak(default_toy_train):
     naming = [any(obj["weak"] and set(CATEGORIES[obj["category"]]) & set(tokenize(c)) for obj in s["objects"][1:])
               for i, s in enumerate(scenes) for c in captions[5 * i:5 * i + 5]]
     assert np.mean(naming) > 0.1  # measured: 0.14 of all captions
+
+
+def test_weak_object_captions_are_those_naming_a_faint_context_object(default_toy_train, tmp_path):
+    """Level 2 names the second object, level 3 the third too: by hand, then against the words of every caption."""
+    scenes = [{"objects": [{"weak": False}, {"weak": True}], "levels": [0, 1, 2, 3, 3]},
+              {"objects": [{"weak": False}, {"weak": False}, {"weak": True}], "levels": [3, 2, 1, 0, 3]}]
+    (tmp_path / "test_scenes.json").write_text(json.dumps(scenes))
+    assert weak_object_captions(tmp_path, "test").tolist() == [0, 0, 1, 1, 1] + [1, 0, 0, 0, 1]
+    assert weak_object_captions(tmp_path, "dev") is None  # not a toy world
+    captions, scenes = default_toy_train
+    (tmp_path / "train_scenes.json").write_text(json.dumps(scenes))
+    naming = [any(obj["weak"] and set(CATEGORIES[obj["category"]]) & set(tokenize(c)) for obj in s["objects"][1:])
+              for i, s in enumerate(scenes) for c in captions[5 * i:5 * i + 5]]
+    assert weak_object_captions(tmp_path, "train").tolist() == naming
 
 
 # --- Cases where a wrong fold, centroid update, activation or weight changes the answer ---
