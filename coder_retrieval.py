@@ -60,6 +60,15 @@ TOY_OVERRIDES = dict(
     freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
     val_images=300,
 )
+# Each numeric flag's range, both ends included; "> 0": positive. A float must also be finite; beta None: unset.
+BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6), max_len=(3, 10**5),
+              val_images=(1, 10**9), eval_batch_size=(1, 10**6), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
+              freeze_text_layers=(0, 10**3), threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
+              n_concepts=(1, 10**6), n_prototypes=(1, 10**9),  # 0 is fine with --no-concepts, --no-pgc
+              lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=("> 0", math.inf),
+              concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf),
+              lambda_inst=(0, math.inf), gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1),
+              adj_reweight=(0, 1))
 
 
 def default_text_encoder():
@@ -151,12 +160,9 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
-    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
-                                               for arg in argv)}
+    given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     if args.dataset == "toy":
-        for key, value in TOY_OVERRIDES.items():
-            if key not in given:
-                setattr(args, key, value)
+        vars(args).update({key: value for key, value in TOY_OVERRIDES.items() if key not in given})
     if args.n_prototypes is None:
         args.n_prototypes = 20000 if args.dataset == "coco" else 10000
     if args.lr_update is None:  # the paper: 2e-4 for 15 epochs, then 2e-5; the toy world: no drop
@@ -164,32 +170,32 @@ def parse_args(argv=None):
     args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
     if args.beta is None and not args.eval:
         args.beta = 0.9
-    for name, (low, high) in dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6),
-                                  max_len=(3, 10**5), val_images=(1, 10**9), eval_batch_size=(1, 10**6),
-                                  save_every=(0, 10**12), kmeans_iters=(0, 10**4), freeze_text_layers=(0, 10**3),
-                                  threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
-                                  n_concepts=(int(args.concepts), 10**6), n_prototypes=(int(args.pgc), 10**9)).items():
-        value = getattr(args, name)
-        if not low <= value <= high:
-            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
-                            f"got {value}")
-    for name in ("lr", "mu", "eps", "grad_clip", "concept_lambda"):
-        if not 0 < getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
-        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
-    for name in ("text_lr_scale", "margin", "lambda_inst", "gamma"):
-        if not 0 <= getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be at least 0 and finite, got {getattr(args, name)}")
+    for name, (low, high) in BOUNDS.items():
+        off = name == "n_concepts" and not args.concepts or name == "n_prototypes" and not args.pgc
+        error = bounds_error(getattr(args, name), 0 if off else low, high)
+        if error:
+            raise DataError(f"--{name.replace('_', '-')} must {error}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.bank and args.bank_size < args.batch_size * world_size:
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
                         f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
                         f"at least one batch (or pass --no-bank)")
-    for name in ("momentum", "beta", "adj_threshold", "adj_reweight"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            raise DataError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     return args
+
+
+def bounds_error(value, low, high):
+    """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
+    if value is None or isinstance(value, int) and low <= value <= high:
+        return None
+    if isinstance(value, int):
+        return f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
+    if math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
+        return None
+    if (low, high) == (0, 1):
+        return f"lie in [0, 1], got {value}"
+    if 0 < value < math.inf:  # --lr above 1
+        return f"be at most {high}, got {value:g}"
+    return f"be {'positive' if low == '> 0' else 'at least 0'} and finite, got {value}"
 
 
 # --- Data (Sec. 4.1) ------------------------------------------------------------------------
