@@ -154,7 +154,7 @@ def parse_args(argv=None):
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
 
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
-    """Region features, the captions as (n, max_len) int32 word-piece ids (a batch is cut to its longest), the captions."""
+    """Region features, the captions as (n, max_len) int32 word-piece ids, and the captions themselves."""
     features, captions = load_split(root, split)
     if max_images is not None:
         features, captions = features[:max_images], captions[: CAPS_PER_IMAGE * max_images]
@@ -515,7 +515,8 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
             div_w = (div_w + diversity(S_wB, args.eps, neg_wB)) / 2
         if args.mdcl:  # one direction each: bank items carry no gradient as anchors
             terms["M-DCL"] = contrastive(S_vB, args, div_v, neg_vB) + contrastive(S_wB, args, div_w, neg_wB)
-    terms["I"] = args.lambda_inst * (contrastive(S_I, args, div_v, negatives) + contrastive(S_I.t(), args, div_w, negatives.t()))
+    terms["I"] = args.lambda_inst * (contrastive(S_I, args, div_v, negatives)
+                                     + contrastive(S_I.t(), args, div_w, negatives.t()))
     if v_C is not None:
         S_C = (v_C @ w_C.t()).float()
         div_vC = diversity(S_C, args.eps, negatives) if need_div else None
@@ -671,7 +672,8 @@ def train(args, root):
             for group in optimizer.param_groups:  # the paper: 2e-4, then 2e-5 from --lr-update on
                 group["lr"] = args.lr * group["scale"] * (0.1 if epoch >= args.lr_update else 1.0)
             for idx in pair_batches(run, epoch):  # this rank's pairs of every global batch (appendix)
-                regions, (ids, mask) = image_batch(features, idx // CAPS_PER_IMAGE, device), text_batch(tokens, idx, pad_id, device)
+                regions = image_batch(features, idx // CAPS_PER_IMAGE, device)
+                ids, mask = text_batch(tokens, idx, pad_id, device)
                 terms = train_step(model, net, optimizer, pgc, regions, ids, mask, torch.from_numpy(idx).to(device), args)
                 after_step(run, terms, epoch)  # progress; the non-finite check and last.pt now and then (appendix)
             check_finite_loss(run)  # never cluster, validate or save what non-finite values made
@@ -693,7 +695,7 @@ def train(args, root):
 
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
-    ckpt = checked(load_checkpoint(path), path)
+    ckpt = load_checkpoint(path, expect="checkpoint")
     tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
@@ -818,7 +820,7 @@ def prepare(args, root):
     if run.steps_per_epoch == 0:
         raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(pairs)} "
                         f"training pairs; lower --batch-size")
-    ckpt = checked(load_checkpoint(run.last), run.last, for_resume=True) if args.resume else None
+    ckpt = load_checkpoint(run.last, expect="last.pt") if args.resume else None
     if ckpt and len(ckpt["pgc_labels"]) != len(tokens):
         raise DataError(f"{run.last} was trained on {len(ckpt['pgc_labels'])} training pairs, this train split has "
                         f"{len(tokens)}; resume with the data of that run")
@@ -1002,29 +1004,27 @@ def refuse_early(args, root, device):
                             f"split of --data-root must come from one detector")
         finite_images(features, split)
 
-def load_checkpoint(path):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
+# What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
+EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
+            "last.pt": dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
+                            pgc_store=torch.Tensor, pgc_seen=torch.Tensor)}
+
+def load_checkpoint(path, expect=None):
+    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file.
+    expect: "checkpoint" or "last.pt" checks the structure against EXPECTED (None: no check)."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
-
-# What a checkpoint holds, by type; last.pt also what resuming needs
-CHECKPOINT_KEYS = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
-RESUME_KEYS = dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor, pgc_store=torch.Tensor,
-                   pgc_seen=torch.Tensor)
-
-def checked(ckpt, path, for_resume=False):
-    """The checkpoint's structure, checked once where it is loaded."""
-    need = dict(CHECKPOINT_KEYS, **(RESUME_KEYS if for_resume else {}))
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or \
-            not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or \
-            not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or \
-            len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts"):
-        raise DataError(f"{path} is not a {'last.pt' if for_resume else 'checkpoint'} written by coder_retrieval.py")
+    need = dict(EXPECTED["checkpoint"], **(EXPECTED["last.pt"] if expect == "last.pt" else {}))
+    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or
+                   not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
+                   not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
+                   len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts")):
+        raise DataError(f"{path} is not a {expect} written by coder_retrieval.py")
     return ckpt
 
 def model_from_checkpoint(ckpt, features=None, split=""):
@@ -1076,11 +1076,9 @@ def refuse(message):
 
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
-    if value is None or isinstance(value, int) and low <= value <= high:
-        return None
     if isinstance(value, int):
-        return f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
-    if math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
+        return None if low <= value <= high else f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
+    if value is None or math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
         return None
     if (low, high) == (0, 1):
         return f"lie in [0, 1], got {value}"
@@ -1147,28 +1145,26 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
         return super().find_class(module, name)
 
-    @classmethod
-    def load_file(cls, path):
-        with open(path, "rb") as f:
-            try:
-                return cls(f, encoding="latin1").load()
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise DataError(f"{path}: {e}")
-
 def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
     """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle
     and the ML-GCN adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for
     --concept-file. Pickles are read with NumpyOnlyUnpickler."""
+    def unpickle(path):
+        with open(path, "rb") as f:
+            try:
+                return NumpyOnlyUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise DataError(f"{path}: {e}")
     try:
         index = json.loads(Path(category_json).read_text(encoding="utf-8"))
         words = sorted(index, key=lambda w: int(index[w]))
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise DataError(f"{category_json} is not CVSE's category_concepts.json, a {{word: index}} object ({e})")
-    adj = NumpyOnlyUnpickler.load_file(adj_pkl)
+    adj = unpickle(adj_pkl)
     if not isinstance(adj, dict) or "nums" not in adj or not ("adj_all" in adj or "adj" in adj):
         raise DataError(f"{adj_pkl} is not CVSE's adjacency pickle, a dict with 'adj_all' (or 'adj') and 'nums'")
     counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
-    np.savez(out_npz, words=np.array(words), glove=np.asarray(NumpyOnlyUnpickler.load_file(glove_pkl), dtype=np.float32),
+    np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
              cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
 
 
