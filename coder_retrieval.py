@@ -152,7 +152,6 @@ def parse_args(argv=None):
 
 
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
-
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
     """Region features, the captions as (n, max_len) int32 word-piece ids, and the captions themselves."""
     features, captions = load_split(root, split)
@@ -169,7 +168,6 @@ def text_batch(tokens, idx, pad_id, device):
 
 
 # --- Instance-level encoders (Sec. 3.2, Eq. 1) ---------------------------------------------------------------
-
 def l2norm(x, dim=-1):
     return F.normalize(x, dim=dim, eps=1e-8)
 
@@ -219,7 +217,6 @@ class TextEncoder(nn.Module):
 
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ---------------------------------------
-
 STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there
 these those his her their he she they we you i by for from as into onto over under near next up down
 out off some one two three four five several many other another each while who which what where has
@@ -308,7 +305,6 @@ class ConceptBranch(nn.Module):
 
 
 # --- Coupled memory banks (Sec. 3.2; MoCo) -------------------------------------------------------------------
-
 @torch.no_grad()
 def momentum_update(online, momentum_copy, m):
     """theta_k <- m theta_k + (1 - m) theta_q."""
@@ -336,7 +332,6 @@ class MemoryBank(nn.Module):
 
 
 # --- The model (Fig. 2) --------------------------------------------------------------------------------------
-
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
                  concept_lambda=1.0, n_prototypes=0, bank_size=0, query_norm=True):
@@ -382,7 +377,6 @@ class CODER(nn.Module):
 
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) ------------------------------------------------
-
 def bank_negatives(anchor_ids, key_ids):
     """Keys that are negatives of each anchor: another image's (a caption of the anchor's own image is
     never one: rare in a batch, common in a bank) in a filled slot (id >= 0)."""
@@ -439,7 +433,6 @@ def contrastive(sim, args, div=None, negatives=None):
 
 
 # --- Prototype-guided classification (Sec. 3.4, Eq. 7) -------------------------------------------------------
-
 @torch.no_grad()
 def kmeans(x, k, iters=10, seed=0, init=None, chunk=8192):
     """Lloyd's K-means on the device; k-means++ seeding unless `init` centroids are given (warm start
@@ -494,7 +487,6 @@ class OnlineClustering:
 
 
 # --- The training objective (Sec. 3.5, Eq. 6 and 8) ----------------------------------------------------------
-
 def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=None):
     """Eq. 8: L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC, each DCL term over both directions; returns L and its
     terms. bank: Eq. 6's text keys, their image ids, image keys, their ids (None: no banks); z: the pairs' prototype
@@ -528,7 +520,6 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
 
 
 # --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) ------------------------------------------------------------
-
 @torch.no_grad()
 def encode_split(model, features, tokens, pad_id, device, batch_size=256, attention=False):
     """Every image once and every caption once: v^I, w^I and v^C, w^C (with `attention`, Eq. 2's
@@ -595,7 +586,6 @@ def test_splits(dataset):
 
 
 # --- Training (Sec. 4.2): the model, its optimizer, one step, the loop ---------------------------------------
-
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     """CODER with the pretrained text model, the concepts (picked from the training captions, or CVSE's
     with --concept-file), their vectors X and graph A_hat; returns it, its constructor arguments, the words."""
@@ -692,7 +682,6 @@ def train(args, root):
 
 
 # --- Main ----------------------------------------------------------------------------------------------------
-
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path, expect="checkpoint")
@@ -735,7 +724,6 @@ def main(argv=None):
 
 
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
-
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
     rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
