@@ -76,15 +76,13 @@ def build_parser():
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
     add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers model")
-    add("--concept-file", default=None, help="CVSE's concepts as .npz (see convert_cvse_concepts) instead of "
-        "concepts picked from the training captions")
+    add("--concept-file", default=None, help="CVSE's concepts, an .npz of convert_cvse_concepts (default: training words)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
     add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
     add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
-    add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"],
-        help="VSE++ max-violation hinge, Eq. 4 (implicit diversity) or Eq. 5 (explicit diversity)")
+    add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"], help="VSE++ max-violation hinge, Eq. 4 or Eq. 5")
     add("--dcl-positive", default="unscaled", choices=["unscaled", "hal", "printed"],
         help="positive term of Eq. 4/5: -log(S_nn + 1) not multiplied by mu (HAL's code), with HAL's relu, or "
         "multiplied by mu as printed (see dcl_loss)")
@@ -99,8 +97,7 @@ def build_parser():
     add("--eps", type=float, default=0.1, help="epsilon of the diversity estimate (Eq. 3)")
     add("--margin", type=float, default=0.2, help="hinge margin of --loss triplet (VSE++)")
     add("--lambda-inst", type=float, default=3.0, help="weight lambda of L^I_DCL (Eq. 8)")
-    add("--beta", type=float, default=None, help="inference mix S = beta S_I + (1-beta) S_C (default: 0.9; with "
-        "--eval: the checkpoint's)")
+    add("--beta", type=float, default=None, help="S = beta S_I + (1-beta) S_C (default: 0.9; with --eval: the checkpoint's)")
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
@@ -114,8 +111,7 @@ def build_parser():
     add("--kmeans-iters", type=int, default=10, help="Lloyd iterations per online clustering")
     add("--epochs", type=int, default=30, help="training epochs")
     add("--lr", type=float, default=2e-4, help="Adam learning rate")
-    add("--lr-update", type=int, default=None, help="epoch at which the lr drops 10x (default: half of --epochs; "
-        "toy world: none)")
+    add("--lr-update", type=int, default=None, help="epoch the lr drops 10x from (default: half of --epochs; toy: none)")
     add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (as VSE-infinity)")
     add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers")
     add("--batch-size", type=int, default=128, help="image-caption pairs per step and process")
@@ -148,9 +144,8 @@ def parse_args(argv=None):
             raise DataError(f"--{name.replace('_', '-')} must {error}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.bank and args.bank_size < args.batch_size * world_size:
-        raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
-                        f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
-                        f"at least one batch (or pass --no-bank)")
+        raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of {args.batch_size * world_size} "
+                        f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
 
 
@@ -386,8 +381,7 @@ def bank_negatives(anchor_ids, key_ids):
     return (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
 
 def off_diagonal(sim):
-    n, q = sim.shape
-    return ~torch.eye(n, q, dtype=torch.bool, device=sim.device)
+    return ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
 
 @torch.no_grad()
 def diversity(sim, eps=0.1, negatives=None):
@@ -756,8 +750,7 @@ def concat_all_gather(tensor):
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-def freeze_lower_layers(encoder, k):
-    """--freeze-text-layers: the embeddings and the k lower layers of a TextEncoder are a fixed feature extractor."""
+def freeze_lower_layers(encoder, k):  # --freeze-text-layers: the embeddings and k lower layers are a fixed extractor
     for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
         module.requires_grad_(False)
     encoder.frozen_layers = k
@@ -913,11 +906,12 @@ def save_last(run, epoch):
 def resume(run, ckpt):
     """Go on from last.pt as if never stopped (prepare built the model from it)."""
     args = run.args
+    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
     for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
                         ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
-        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
-                            f"{value}; resume with the same")
+        if saved.get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.pgc.feats.copy_(ckpt["pgc_store"]), run.pgc.seen.copy_(ckpt["pgc_seen"]), run.pgc.labels.copy_(ckpt["pgc_labels"])
     torch.set_rng_state(ckpt["rng"][run.rank][0])
