@@ -58,9 +58,9 @@ BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), l
               freeze_text_layers=(0, 10**3), threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
               n_concepts=(1, 10**6), n_prototypes=(1, 10**9),  # 0 is fine with --no-concepts, --no-pgc
               lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=("> 0", math.inf),
-              concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf),
-              lambda_inst=(0, math.inf), gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1),
-              adj_reweight=(0, 1))
+              concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf), lambda_inst=(0, math.inf),
+              gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1), adj_reweight=(0, 1))
+
 CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
                "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
                "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
@@ -200,8 +200,7 @@ class TextEncoder(nn.Module):
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
     def hidden(self, ids, mask, lower=None):
-        """The transformer's word-level embeddings e_t (B, T, hidden); with frozen lower layers, the upper ones go on
-        from `lower`, their output (frozen_lower_layers, a speed device in the appendix)."""
+        """The transformer's word-level embeddings e_t (B, T, hidden); `lower`: the frozen layers' output (appendix)."""
         lower = frozen_lower_layers(self, ids, mask) if lower is None else lower
         if lower is None:
             return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
@@ -776,8 +775,8 @@ def frozen_lower_layers(encoder, ids, mask):
     return h, am, k
 
 def prepare(args, root):
-    """What train() needs, in one namespace: torchrun's rank, the data, CODER (new, or last.pt's with --resume), its
-    DDP wrapper, Adam, the PGC state, and the bookkeeping of the run (step, best rsum, checkpoint paths)."""
+    """What train() needs in one namespace: rank, data, CODER (or last.pt's), DDP wrapper, Adam, PGC state, bookkeeping."""
+
     rank, world_size, device = setup_ddp()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
@@ -880,8 +879,7 @@ def end_of_epoch(run, epoch):
     save_last(run, epoch + 1)
 
 def checkpoint(run, epoch):
-    """One plain dict; `epoch` is where a resumed run goes on; the queues, their pointers and the momentum encoders
-    are in the model's state_dict."""
+    """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
     return {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
             "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": run.optimizer.state_dict(), "concepts": run.concepts,
             "pgc_centroids": run.pgc.centroids, "pgc_labels": run.pgc.labels.cpu(), "world_size": run.world_size,
