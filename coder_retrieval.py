@@ -60,7 +60,6 @@ BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), l
               lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=("> 0", math.inf),
               concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf), lambda_inst=(0, math.inf),
               gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1), adj_reweight=(0, 1))
-
 CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
                "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
                "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
@@ -71,7 +70,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
                                 usage="%(prog)s [flags]")
     p.error = refuse
-
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
@@ -776,7 +774,6 @@ def frozen_lower_layers(encoder, ids, mask):
 
 def prepare(args, root):
     """What train() needs in one namespace: rank, data, CODER (or last.pt's), DDP wrapper, Adam, PGC state, bookkeeping."""
-
     rank, world_size, device = setup_ddp()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
@@ -873,7 +870,6 @@ def end_of_epoch(run, epoch):
               f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
         if run.model.concepts is not None:
             print("  " + concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)[1])
-
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
@@ -896,7 +892,6 @@ def save_last(run, epoch):
     ckpt = dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
-
     run.kept = f"{run.last} keeps step {run.step}"
     if dist.is_initialized():
         dist.barrier()
@@ -909,7 +904,6 @@ def resume(run, ckpt):
                         ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
         if saved.get(name) != value:
             raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
-
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.pgc.feats.copy_(ckpt["pgc_store"]), run.pgc.seen.copy_(ckpt["pgc_seen"]), run.pgc.labels.copy_(ckpt["pgc_labels"])
     torch.set_rng_state(ckpt["rng"][run.rank][0])
@@ -1048,7 +1042,6 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
 
 
-
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
     if isinstance(value, int):
@@ -1112,16 +1105,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {(f"numpy.{core}.multiarray", name) for core in
                                                            ("core", "_core") for name in ("_reconstruct", "scalar")}
 
-
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
         return super().find_class(module, name)
 
 def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
-    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle
-    and the ML-GCN adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for
-    --concept-file. Pickles are read with NumpyOnlyUnpickler."""
+    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle and the ML-GCN
+    adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for --concept-file, read safely."""
     def unpickle(path):
         with open(path, "rb") as f:
             try:
