@@ -848,10 +848,9 @@ def after_step(run, terms, epoch):
 def check_finite_loss(run):
     """A look at the loss terms of the steps since the last one, only where the loop waits for the device
     anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
-    values = torch.stack([v for _, _, v in run.pending]).cpu() if run.pending else torch.ones(0, 1)
-    first_broken = (~values.isfinite().all(1)).nonzero()[:1, 0].tolist()
-    bad = [(run.pending[i][0], ", ".join(f"{n} {v:.4g}" for n, v in zip(run.pending[i][1], values[i].tolist())))
-           for i in first_broken]
+    values = torch.stack([v for _, _, v in run.pending]).cpu().tolist() if run.pending else []
+    bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, row)))
+           for (step, names, _), row in zip(run.pending, values) if not all(map(math.isfinite, row))][:1]
     run.pending.clear()
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
