@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import CAPS_PER_IMAGE, DataError, finite_images, image_batch, load_split, prepare_data, tokenize, toy_ceiling
+from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
+                    prepare_data, tokenize, toy_ceiling)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -50,8 +51,7 @@ TOY_OVERRIDES = dict(
     n_concepts=128,          # the toy captions hold 103 content words: all of them
     n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's
     freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
-    val_images=300,
-)
+    val_images=300)
 # Each numeric flag's range, both ends included ("> 0": positive); a float must also be finite.
 BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6), max_len=(3, 10**5),
               val_images=(1, 10**9), eval_batch_size=(1, 10**6), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
@@ -122,8 +122,7 @@ def build_parser():
     return p
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    p = build_parser()
+    argv, p = sys.argv[1:] if argv is None else argv, build_parser()
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     if args.dataset == "toy":
@@ -212,11 +211,11 @@ class TextEncoder(nn.Module):
 
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ---------------------------------------
-STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there
-these those his her their he she they we you i by for from as into onto over under near next up down
-out off some one two three four five several many other another each while who which what where has
-have having does do photo picture image view front top side back very through around outside behind
-together inside along above across during against about all them him among""".split())
+STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there these those his
+her their he she they we you i by for from as into onto over under near next up down out off some one two three four
+five several many other another each while who which what where has have having does do photo picture image view
+front top side back very through around outside behind together inside along above across during against about all
+them him among""".split())
 
 def concept_vocabulary(captions, g):
     """The g most frequent content words of the training captions (count desc, then word)."""
@@ -562,9 +561,9 @@ def fold_recall(S, folds=1):
                 for f in range(folds)]
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
 
-def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=256):
+def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=256, groups=None):
     """Metrics of `folds` consecutive equal slices (COCO 1K: 5 folds of testall, averaged) plus the
-    encoding time and the similarity throughput in image-caption pairs per second (Fig. 4)."""
+    encoding time and the similarity throughput in image-caption pairs per second (Fig. 4); t2i recall per `groups`."""
     emb, encode_seconds = encode_split(model, features, tokens, pad_id, device, batch_size)
     start = time.perf_counter()
     S = similarity(emb, beta)
@@ -572,7 +571,8 @@ def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=
         torch.cuda.synchronize()
     sim_seconds, pairs = time.perf_counter() - start, len(features) * CAPS_PER_IMAGE * len(features)
     return dict(fold_recall(S, folds), images=len(features), encode_s=encode_seconds,
-                sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds))
+                sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds),
+                by_group=t2i_recall_by_group(S, groups) if groups is not None and len(groups) == S.shape[1] else None)
 
 def test_splits(dataset):
     """(table name, split, folds): COCO reports 5-fold 1K and 5K on testall (never 1K on test alone)."""
@@ -687,10 +687,10 @@ def evaluate_checkpoint(path, args, device, root):
         model = model_from_checkpoint(ckpt, features, split).to(device)
         finite_images(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
-                                    args.eval_batch_size)))
+                                    args.eval_batch_size, context_object_captions(root, split))))
     print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
           (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
-    print_table(rows, toy_ceiling(root, "test"))
+    print_table(rows, toy_ceiling(root, "test"), context_object_captions(root, "test"))
     return rows
 
 def main(argv=None):
@@ -846,8 +846,7 @@ def after_step(run, terms, epoch):
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
 
 def check_finite_loss(run):
-    """A look at the loss terms of the steps since the last one, only where the loop waits for the device
-    anyway: a NaN or inf stops every rank with one line, before anything is saved from it."""
+    """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
     values = torch.stack([v for _, _, v in run.pending]).cpu().tolist() if run.pending else []
     bad = [(step, ", ".join(f"{n} {v:.4g}" for n, v in zip(names, row)))
            for (step, names, _), row in zip(run.pending, values) if not all(map(math.isfinite, row))][:1]
@@ -897,8 +896,7 @@ def save_last(run, epoch):
 
 def resume(run, ckpt):
     """Go on from last.pt as if never stopped (prepare built the model from it)."""
-    args = run.args
-    saved = dict(ckpt["args"], world_size=ckpt["world_size"])
+    args, saved = run.args, dict(ckpt["args"], world_size=ckpt["world_size"])
     for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
                         ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
         if saved.get(name) != value:
@@ -914,8 +912,7 @@ def resume(run, ckpt):
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
 def save_checkpoint(ckpt, path):
-    """The one atomic save: a temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even
-    kill -9) leaves the old file or the new one, never a broken one."""
+    """The one atomic save: a temporary file, flushed, renamed over `path`: a kill -9 leaves the old file or the new."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -937,8 +934,7 @@ def nbytes(obj):
     return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over); writing it
-    proves the folder writable before any training. Returns what releases it."""
+    """One run per --out-dir: a .lock with the owner's pid (a killed run's is taken over), which proves it writable."""
     path = Path(out_dir) / ".lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -980,8 +976,7 @@ EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int
                             pgc_store=torch.Tensor, pgc_seen=torch.Tensor)}
 
 def load_checkpoint(path, expect=None):
-    """Checkpoints hold only tensors and plain Python values: weights_only=True never runs code from a file.
-    expect: "checkpoint" or "last.pt" checks the structure against EXPECTED (None: no check)."""
+    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt") checks it against EXPECTED."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -1040,7 +1035,6 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help if action.default in (None, False) else super()._get_help_string(action)
         return text + (f" [toy world: {TOY_OVERRIDES[action.dest]}]" if action.dest in TOY_OVERRIDES else "")
 
-
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
     if isinstance(value, int):
@@ -1053,7 +1047,7 @@ def bounds_error(value, low, high):
         return f"be at most {high}, got {value:g}"
     return f"be {'positive' if low == '> 0' else 'at least 0'} and finite, got {value}"
 
-def print_table(rows, ceiling=None):
+def print_table(rows, ceiling=None, groups=None):
     print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
           f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}")
     for name, m in rows:
@@ -1064,6 +1058,18 @@ def print_table(rows, ceiling=None):
         print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
               f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
               + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
+    show = lambda values: " / ".join(f"{v:.1f}" for v in values)
+    if ceiling and rows[0][1]["by_group"]:  # the toy world: where the concept branch should help (Sec. 3.2)
+        print("t2i R@1/5/10 (ceiling) by what a caption names beside its main object: " + "; ".join(
+            f"{what} ({(groups == g).sum()} captions) {show(rows[0][1]['by_group'][g])} "
+            f"({show(ceiling['t2i_each'][groups == g].mean(0))})" for g, what in
+            ((2, "a weak object"), (1, "strong objects only"), (0, "nothing")) if (groups == g).any()))
+
+def t2i_recall_by_group(S, groups, ks=(1, 5, 10)):
+    """t2i R@K (%) of each group's captions (groups: a label per caption), ranked as recall_at_k ranks them."""
+    S, groups, caption = torch.as_tensor(S, dtype=torch.float32), np.asarray(groups), torch.arange(S.shape[1])
+    rank = ((~(S < S[caption // CAPS_PER_IMAGE, caption][None, :])).sum(0) - 1).numpy()  # other images scoring >=
+    return {g: [100.0 * np.mean(rank[groups == g] < k) for k in ks] for g in np.unique(groups).tolist()}
 
 @torch.no_grad()
 def concept_usage(model, features, tokens, pad_id, device, batch_size=256):

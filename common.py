@@ -408,7 +408,8 @@ def oracle_recall(scenes, captions, ks=(1, 5, 10)):
     if not consistent[np.arange(len(own)), own].all():
         raise ValueError("a caption its own scene cannot say: not a toy split made by make_toy_world")
     n_c = consistent.sum(1)
-    t2i = [100 * np.mean(np.minimum(k, n_c) / n_c) for k in ks]
+    t2i_each = 100 * np.minimum(np.array(ks)[None, :], n_c[:, None]) / n_c[:, None]  # (captions, ks)
+    t2i = t2i_each.mean(0)
     i2t = np.zeros(len(ks))
     for i in range(len(scenes)):
         tiers = {}  # n_c -> [own, other] captions that image i's scene can say (score 1 / n_c)
@@ -423,7 +424,7 @@ def oracle_recall(scenes, captions, ks=(1, 5, 10)):
         for j, k in enumerate(ks):
             r = k - above
             i2t[j] += 0.0 if r <= 0 else 1.0 - (math.comb(b, r) / math.comb(a + b, r) if r <= b else 0.0)
-    return {"i2t": [float(v) for v in 100 * i2t / len(scenes)], "t2i": [float(v) for v in t2i]}
+    return {"i2t": [float(v) for v in 100 * i2t / len(scenes)], "t2i": [float(v) for v in t2i], "t2i_each": t2i_each}
 
 
 def toy_ceiling(root, split):
@@ -438,15 +439,17 @@ def toy_ceiling(root, split):
         return None
 
 
-def weak_object_captions(root, split):
-    """Which captions of a toy split name a weak context object, one faint box in the features (_regions): level 2
-    names the scene's second object, level 3 also its third (objects[1:level]). Where CODER's concepts should help (Sec. 3.2): the
-    caption names what the image shows weakly, and the object's place and companions are seen. None for other data."""
+def context_object_captions(root, split):
+    """What each caption of a toy split names besides its main object and place: 0 nothing, 1 context objects that
+    the features show strongly, 2 a weak one (one faint box, _regions). Level 2 names the scene's second object, level
+    3 its third too: objects[1:level]. Weak ones are where CODER's concepts should help (Sec. 3.2): the image shows
+    them faintly, their place and companions clearly. None for other data."""
     path = Path(root) / f"{split}_scenes.json"
     if not path.exists():
         return None
     try:
         scenes = json.loads(path.read_text())
-        return np.array([any(o["weak"] for o in s["objects"][1:level]) for s in scenes for level in s["levels"]])
+        named = [s["objects"][1:level] for s in scenes for level in s["levels"]]
+        return np.array([2 if any(o["weak"] for o in objects) else int(bool(objects)) for objects in named])
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None

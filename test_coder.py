@@ -18,7 +18,7 @@ import coder_retrieval as cr
 from conftest import Hostile, interrupt_after_first_save
 from test_cl import damaged, refused_in_one_line
 from common import (CATEGORIES, _caption, DataError, caption_content, make_toy_world, oracle_recall, sayable, tokenize,
-                    weak_object_captions)
+                    context_object_captions)
 from coder_retrieval import load_checkpoint, save_checkpoint
 
 
@@ -171,6 +171,17 @@ def test_recall_at_k_matches_brute_force_ranking_with_ties():
             assert got[f"{name}_r{k}"] == pytest.approx(100 * np.mean(ranks < k))
         assert got[f"{name}_medr"] == np.floor(np.median(ranks)) + 1
     assert got["rsum"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+
+
+def test_t2i_recall_by_group_matches_brute_force_ranking_within_each_group():
+    S = np.random.default_rng(5).integers(0, 6, (9, 45)).astype(np.float32)  # many ties
+    groups = np.random.default_rng(6).integers(0, 3, 45)
+    _, t2i = brute_force_ranks(S)
+    got = cr.t2i_recall_by_group(S, groups)
+    assert sorted(got) == [0, 1, 2]
+    for g in range(3):
+        assert got[g] == pytest.approx([100 * np.mean(t2i[groups == g] < k) for k in (1, 5, 10)])
+    assert cr.t2i_recall_by_group(S, np.zeros(45))[0] == pytest.approx([cr.recall_at_k(S)[f"t2i_r{k}"] for k in (1, 5, 10)])
 
 
 def test_recall_uses_best_of_five_captions_and_constant_scores_get_nothing():
@@ -425,18 +436,19 @@ def test_toy_captions_name_objects_whose_features_are_weak(default_toy_train):
     assert np.mean(naming) > 0.1  # measured: 0.14 of all captions
 
 
-def test_weak_object_captions_are_those_naming_a_faint_context_object(default_toy_train, tmp_path):
+def test_context_object_captions_say_which_name_a_faint_object(default_toy_train, tmp_path):
     """Level 2 names the second object, level 3 the third too: by hand, then against the words of every caption."""
     scenes = [{"objects": [{"weak": False}, {"weak": True}], "levels": [0, 1, 2, 3, 3]},
-              {"objects": [{"weak": False}, {"weak": False}, {"weak": True}], "levels": [3, 2, 1, 0, 3]}]
+              {"objects": [{"weak": False}, {"weak": False}, {"weak": True}], "levels": [3, 2, 1, 0, 3]},
+              {"objects": [{"weak": False}], "levels": [0, 1, 2, 3, 3]}]
     (tmp_path / "test_scenes.json").write_text(json.dumps(scenes))
-    assert weak_object_captions(tmp_path, "test").tolist() == [0, 0, 1, 1, 1] + [1, 0, 0, 0, 1]
-    assert weak_object_captions(tmp_path, "dev") is None  # not a toy world
+    assert context_object_captions(tmp_path, "test").tolist() == [0, 0, 2, 2, 2] + [2, 1, 0, 0, 2] + [0] * 5
+    assert context_object_captions(tmp_path, "dev") is None  # not a toy world
     captions, scenes = default_toy_train
     (tmp_path / "train_scenes.json").write_text(json.dumps(scenes))
     naming = [any(obj["weak"] and set(CATEGORIES[obj["category"]]) & set(tokenize(c)) for obj in s["objects"][1:])
               for i, s in enumerate(scenes) for c in captions[5 * i:5 * i + 5]]
-    assert weak_object_captions(tmp_path, "train").tolist() == naming
+    assert (context_object_captions(tmp_path, "train") == 2).tolist() == naming
 
 
 # --- Cases where a wrong fold, centroid update, activation or weight changes the answer ---
