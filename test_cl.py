@@ -560,6 +560,13 @@ def test_toy_overrides_apply_only_where_the_user_gave_no_flag():
     assert cl.parse_args(["--ref", "x.pt"]).lr == cl.TOY_OVERRIDES["cl"]["lr"]
 
 
+def test_real_captions_are_cut_at_the_papers_18_words_and_the_toy_grammar_at_its_16():
+    for dataset in ("coco", "flickr30k"):  # Sec. 5.1: "truncated to have at most 18 words"
+        assert cl.parse_args(["--dataset", dataset]).max_words == cl.parse_args(["--dataset", dataset, "--ref", "x"]).max_words == 18
+    assert cl.parse_args([]).max_words == cl.parse_args(["--ref", "x"]).max_words == 16
+    assert cl.parse_args(["--max-words", "20"]).max_words == 20
+
+
 # --- End to end on a tiny toy world ----------------------------------------------------------------
 
 TINY = ["--rnn-size", "16", "--emb-size", "16", "--batch-images", "5",
