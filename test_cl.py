@@ -629,6 +629,28 @@ def test_replace_ref_every_epoch_makes_the_best_target_the_reference(mle_checkpo
         assert torch.equal(last["reference"]["state"][name], value), name
 
 
+def test_replace_ref_every_2_replaces_after_the_second_epoch_only(mle_checkpoint, world, capsys):
+    out = world.parent / "replaced-2"
+    cl.main(TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--out-dir", str(out), "--epochs", "2",
+                    "--K", "2", "--lr", "1e-3", "--replace-ref-every", "2", "--retrieval-images", "0"])
+    printed = capsys.readouterr().out
+    assert printed.count("reference replaced") == 1
+    assert printed.index("epoch 2: dev CIDEr") < printed.index("reference replaced")  # not after epoch 1
+
+
+def test_the_reference_scores_every_cl_step_in_eval_mode_with_dropout_off(mle_checkpoint, world, monkeypatch):
+    modes, original = [], cl.contrastive_log_probs
+    def watched(target, reference, *rest):
+        if not modes:  # a hook inside the reference's own forward: whatever sets its mode before, it sees
+            reference.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+            assert reference.dropout.p > 0  # the MLE checkpoint's 0.5: train mode would draw masks
+        return original(target, reference, *rest)
+    monkeypatch.setattr(cl, "contrastive_log_probs", watched)
+    cl.main(TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--out-dir", str(world.parent / "eval-ref"),
+                    "--epochs", "1", "--K", "2", "--lr", "1e-3", "--retrieval-images", "0"])
+    assert len(modes) == 12 and not any(modes)  # every step of the epoch
+
+
 def test_resume_continues_an_interrupted_run_from_its_step(mle_checkpoint, world):
     common = TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--K", "2", "--lr", "1e-3",
                      "--epochs", "1", "--retrieval-images", "0"]
