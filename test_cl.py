@@ -1021,6 +1021,29 @@ def cl_train_rank(rank, root, ref, out):
     torch.save({"target": target.state_dict(), "reference": reference.state_dict()}, Path(out) / f"rank{rank}.pt")
 
 
+def cl_first_step(rank, root, ref, out, batch_images):
+    """train() for one CL step of a global batch of 8 images: 2 ranks of 4, or 1 process of 8."""
+    args = cl.parse_args(TINY + ["--data-root", str(root), "--ref", str(ref), "--out-dir", str(out), "--K", "3",
+                                 "--lr", "1e-3", "--batch-images", str(batch_images), "--max-steps", "1"])
+    features, text = load_split(root, "train")
+    vocab = Vocab.build((tokenize(c) for c in text), args.min_count)
+    target, reference = cl.captioners(args, vocab, features, torch.device("cpu"))  # the toy's target dropout 0
+    cl.train(args, target, reference, (features, cl.encode_captions(vocab, text, args.max_words)),
+             load_split(root, "dev"), vocab, Path(out), np.arange(len(features)))
+
+
+def test_each_rank_trains_on_its_own_images_and_their_own_negatives(run_ranks, mle_checkpoint, world):
+    """The global negative draw is the same on every rank; each takes its own images' columns: 2 ranks of 4 images
+    take the step 1 process of 8 takes (Adam's first step is lr x sign(g): any other negatives flip many signs)."""
+    two, one = world.parent / "step-2-ranks", world.parent / "step-1-process"
+    run_ranks(cl_first_step, world, mle_checkpoint, two, 4)
+    cl_first_step(0, world, mle_checkpoint, one, 8)
+    start, a, b = (load_checkpoint(p)["model"]["state"] for p in (mle_checkpoint, two / "last.pt", one / "last.pt"))
+    for name in start:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert any(not torch.equal(a[n], start[n]) for n in start)  # the step moved the target
+
+
 def test_two_rank_cl_training_keeps_target_and_reference_identical_on_both_ranks(run_ranks, mle_checkpoint, world):
     out = world.parent / "ddp-cl"
     run_ranks(cl_train_rank, world, mle_checkpoint, out)
