@@ -1,5 +1,6 @@
 """Specification of coder_retrieval.py: each equation against an independent numpy loop, the SCAN
 protocol against a brute-force ranking, and a tiny end-to-end run (tiny random BERT, no download)."""
+import copy
 import json
 import math
 import os
@@ -673,6 +674,70 @@ def test_a_few_steps_lower_the_loss_and_checkpoint_reloads_identically(tiny, tmp
                         reloaded.encode_images(regions) + reloaded.encode_texts(ids, mask)):
             assert torch.equal(a, b)
     assert torch.equal(model.text_queue.feats, reloaded.text_queue.feats)
+
+
+def test_one_training_step_matches_numpy_loops_of_eq6_to_8_and_moco_order(tiny):
+    """train_step on 4 pairs, two of one image, with queues of known ids, against loops by hand: same-image captions
+    and empty slots are never negatives, image anchors meet the text queue and captions the image queue, the key
+    encoders move before they encode, and the keys enqueue with their image ids (not caption indices)."""
+    args = cr.parse_args(tiny_args(tiny, "--batch-size", "4", "--bank-size", "8", "--n-prototypes", "3",
+                                   "--momentum", "0.5", "--lambda-inst", "2"))
+    tokenizer, text_model = cr.load_text_model(args.text_encoder)
+    feats, tokens, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
+    torch.manual_seed(0)
+    model = cr.build_model(args, feats.shape[2], text_model, tokenizer, caps)[0].train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in [*model.image_encoder_m.parameters(), *model.text_encoder_m.parameters()]:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))  # key encoders != query encoders: the order shows
+        for queue, ids, ptr in ((model.image_queue, [3, 0, 7, 1, 2, 9, -1, -1], 6),
+                                (model.text_queue, [4, 1, 0, 8, 5, 6, 2, -1], 0)):
+            queue.feats.copy_(cr.l2norm(torch.randn(8, 32, generator=g))), queue.ids.copy_(torch.tensor(ids))
+            queue.ptr.fill_(ptr)
+    caption_idx = torch.tensor([0, 1, 5, 10])  # images 0, 0, 1, 2
+    image_ids = [0, 0, 1, 2]
+    pgc = cr.OnlineClustering(len(tokens), 32, torch.device("cpu"))
+    pgc.labels[caption_idx] = torch.tensor([1, -1, 0, 2])
+    regions = cr.image_batch(feats, caption_idx.numpy() // 5, torch.device("cpu"))
+    ids, mask = cr.text_batch(tokens, caption_idx.numpy(), tokenizer.pad_token_id, torch.device("cpu"))
+    before = copy.deepcopy(model)
+    old_queues = [(q.feats.clone(), q.ids.tolist()) for q in (model.image_queue, model.text_queue)]
+    with torch.no_grad():  # what the step should compute, from a copy
+        v_I, w_I, v_C, w_C = (x.double().numpy() for x in before(regions, ids, mask))
+        for online, key in ((before.image_encoder, before.image_encoder_m), (before.text_encoder, before.text_encoder_m)):
+            for p_q, p_k in zip(online.parameters(), key.parameters()):
+                p_k.copy_(0.5 * p_k + 0.5 * p_q)  # theta_k <- m theta_k + (1 - m) theta_q, then the keys
+        v_k = cr.l2norm(cr.aggregate(before.image_encoder_m(regions)))
+        w_k = cr.l2norm(cr.aggregate(before.text_encoder_m(ids, mask), mask))
+    terms = cr.train_step(model, model, cr.make_optimizer(model, args), pgc, regions, ids, mask, caption_idx, args)
+
+    def loss(S, negative, div):  # Eq. 5, one direction, the positive not scaled by mu (the default)
+        return numpy_dcl_hal(S, args.mu, args.gamma, div, negative, relu=False)
+    batch_negative = np.array([[image_ids[q] != image_ids[n] for q in range(4)] for n in range(4)])
+    text_keys = np.concatenate([w_k.double().numpy(), old_queues[1][0].double().numpy()])
+    image_keys = np.concatenate([v_k.double().numpy(), old_queues[0][0].double().numpy()])
+    text_key_ids, image_key_ids = image_ids + old_queues[1][1], image_ids + old_queues[0][1]
+    bank_negative = lambda key_ids: np.array([[key_ids[j] != image_ids[n] and key_ids[j] >= 0
+                                               for j in range(len(key_ids))] for n in range(4)])
+    S_I, S_C, S_vB, S_wB = v_I @ w_I.T, v_C @ w_C.T, v_I @ text_keys.T, w_I @ image_keys.T
+    neg_v, neg_w = bank_negative(text_key_ids), bank_negative(image_key_ids)
+    div_v = (numpy_diversity(S_I, args.eps, batch_negative) + numpy_diversity(S_vB, args.eps, neg_v)) / 2
+    div_w = (numpy_diversity(S_I.T, args.eps, batch_negative.T) + numpy_diversity(S_wB, args.eps, neg_w)) / 2
+    P = before.prototypes.weight.detach().double().numpy()  # P^C before Adam's step
+    ce = lambda x, k: -np.log(np.exp(P @ x)[k] / np.exp(P @ x).sum())
+    want = {"I": 2 * (loss(S_I, batch_negative, div_v) + loss(S_I.T, batch_negative.T, div_w)),
+            "M-DCL": loss(S_vB, neg_v, div_v) + loss(S_wB, neg_w, div_w),
+            "C": loss(S_C, batch_negative, numpy_diversity(S_C, args.eps, batch_negative))
+                 + loss(S_C.T, batch_negative.T, numpy_diversity(S_C.T, args.eps, batch_negative.T)),
+            "PGC": sum(ce(v_C[n], k) + ce(w_C[n], k) for n, k in ((0, 1), (2, 0), (3, 2))) / 3}
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(want, rel=1e-4)
+    for queue, keys, slots in ((model.image_queue, v_k, [6, 7, 0, 1]), (model.text_queue, w_k, [0, 1, 2, 3])):
+        assert torch.allclose(queue.feats[slots], keys, atol=1e-6) and queue.ids[slots].tolist() == image_ids
+    assert (model.image_queue.ptr.item(), model.text_queue.ptr.item()) == (2, 4)
+    for a, b in zip(model.text_encoder_m.parameters(), before.text_encoder_m.parameters()):
+        assert torch.equal(a, b)  # moved once, by m
+    assert torch.allclose(pgc.feats[caption_idx].float(), torch.from_numpy(v_I + w_I).float(), atol=2e-3)
+    assert pgc.seen.sum() == 4
 
 
 def concept_usage_after_training(tiny, *flags):
