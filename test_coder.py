@@ -196,6 +196,11 @@ def test_recall_uses_best_of_five_captions_and_constant_scores_get_nothing():
     assert cr.recall_at_k(torch.zeros(n, 5 * n))["i2t_r1"] == 0.0
 
 
+def test_coco_reports_1k_as_the_mean_of_5_folds_of_testall_and_5k_on_all_of_it():
+    assert cr.test_splits("coco") == [("COCO 1K", "testall", 5), ("COCO 5K", "testall", 1)]
+    assert cr.test_splits("flickr30k") == cr.test_splits("toy") == [("test", "test", 1)]
+
+
 def test_five_fold_split_scores_each_fold_alone():
     n = 10  # 5 folds of 2 images; a caption of another fold outscores every ground truth
     S = np.zeros((n, 5 * n), dtype=np.float32)
@@ -335,6 +340,26 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
     assert len(pairs) == 4 and len({p[1] for p in pairs}) == 4  # a bijection blob <-> cluster
     assert torch.equal(cr.kmeans(x, 4, iters=10, seed=0)[1], labels)
     assert torch.equal(cr.kmeans(x + 0.01, 4, iters=3, init=cents)[1], labels)  # warm start keeps ids
+
+
+def test_online_clustering_keeps_prototype_ids_from_one_epoch_to_the_next():
+    """Sec. 3.4's labels are class ids for P^C: the warm start keeps them, whatever the next epoch's seed."""
+    rng = np.random.default_rng(2)
+    blobs = np.repeat(rng.normal(0, 10, (3, 4)), 10, axis=0) + rng.normal(0, 0.5, (30, 4))
+    pgc = cr.OnlineClustering(40, 4, torch.device("cpu"))
+    pgc.store(torch.arange(30), torch.tensor(blobs).half())
+    pgc.cluster(3, 5, seed=0, rank=0)
+    first = pgc.labels.clone()
+    assert (first[30:] == -1).all() and len(set(first[:30].tolist())) == 3  # pairs never stored: no label
+    for seed in range(1, 6):  # k-means++ from scratch would number the blobs anew
+        pgc.cluster(3, 5, seed=seed, rank=0)
+        assert torch.equal(pgc.labels, first)
+
+
+def test_an_empty_cluster_keeps_its_centroid():
+    x = torch.tensor([[0.0, 0], [1, 0], [0, 1]])
+    centroids, labels = cr.kmeans(x, 2, iters=3, init=torch.tensor([[0.0, 0], [100, 100]]))
+    assert labels.tolist() == [0, 0, 0] and centroids[1].tolist() == [100, 100]  # not 0 / 0
 
 
 def test_pgc_loss_is_cross_entropy_over_known_labels():
@@ -810,6 +835,19 @@ def test_cli_trains_evaluates_resumes_and_reports_errors(tiny, capsys):
         cr.main(tiny_args(tiny, "--text-encoder", str(tiny / "missing")))
 
 
+def test_the_lr_drops_tenfold_from_the_epoch_lr_update_on(tiny, monkeypatch):
+    lrs, original = [], cr.train_step
+    def watched(model, net, optimizer, *rest):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        return original(model, net, optimizer, *rest)
+    monkeypatch.setattr(cr, "train_step", watched)
+    cr.train(cr.parse_args(tiny_args(tiny, "--epochs", "3", "--lr-update", "1", "--lr", "1e-3", "--no-concepts",
+                                     "--no-bank", "--out-dir", str(tiny / "lr-drop"))), tiny / "toy")
+    assert len(lrs) == 3 * 18  # 300 pairs, 16 a step
+    assert np.allclose(lrs[:18], [[1e-3, 1e-4]] * 18, rtol=1e-9, atol=0)  # the text encoder at --text-lr-scale 0.1
+    assert np.allclose(lrs[18:], [[1e-4, 1e-5]] * 36, rtol=1e-9, atol=0)  # epochs 2 and 3 (indices 1, 2)
+
+
 def test_lr_drops_at_half_the_epochs_on_real_data_and_not_on_the_toy_world():
     """The paper: 2e-4 for 15 epochs, 2e-5 for the next 15; the 2 toy epochs keep 2e-4 throughout."""
     assert cr.parse_args(["--dataset", "flickr30k"]).lr_update == 15
@@ -1104,7 +1142,10 @@ def test_two_rank_training_keeps_models_queues_and_prototype_labels_identical(ru
     # 300 pairs / 16 a step = 18 steps of 16 keys per epoch: 40 slots all filled, pointer at 36 * 16 % 40
     state = ranks[0]["state"]
     assert (state["text_queue.ids"] >= 0).all() and int(state["text_queue.ptr"]) == 36 * 16 % 40
-    assert load_checkpoint(tmp_path / "runs" / "last.pt")["epoch"] == 2
+    last = load_checkpoint(tmp_path / "runs" / "last.pt")
+    assert last["epoch"] == 2
+    trained = {int(i) for epoch in range(2) for i in np.random.default_rng([0, epoch]).permutation(300)[:18 * 16]}
+    assert int(last["pgc_seen"].sum()) == len(trained)  # rank 0's PGC store holds both ranks' pairs
 
 
 def test_torchrun_trains_evaluates_and_resumes_with_two_processes(tiny, tmp_path):
