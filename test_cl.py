@@ -665,6 +665,32 @@ def test_resume_continues_an_interrupted_run_from_its_step(mle_checkpoint, world
         assert torch.allclose(b["model"]["state"][name], value, atol=1e-6), name
 
 
+def test_ctrl_c_saves_the_step_it_came_at_and_resume_keeps_the_replaced_reference(mle_checkpoint, world, monkeypatch):
+    """Ctrl-C at step 13 (epoch 2 of 12 steps, after the first replacement of the reference; periodic saves every 5)
+    leaves last.pt at step 13, not 10; resumed, the run ends bit-identical to one never interrupted, reference included."""
+    common = TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--K", "2", "--lr", "1e-3", "--epochs",
+                     "2", "--retrieval-images", "0", "--replace-ref-every", "1", "--save-every", "5"]
+    straight, interrupted = world.parent / "straight-2", world.parent / "interrupted-2"
+    cl.main(common + ["--out-dir", str(straight)])
+    original = cl.after_step
+    def ctrl_c_at_13(run, *rest):
+        stop = original(run, *rest)
+        if run.step == 13:
+            raise KeyboardInterrupt
+        return stop
+    monkeypatch.setattr(cl, "after_step", ctrl_c_at_13)
+    with pytest.raises(SystemExit) as exit_:
+        cl.main(common + ["--out-dir", str(interrupted)])
+    assert exit_.value.code == 130 and load_checkpoint(interrupted / "last.pt")["step"] == 13
+    monkeypatch.setattr(cl, "after_step", original)
+    cl.main(common + ["--out-dir", str(interrupted), "--resume"])
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    assert a["step"] == b["step"] == 24
+    for record in ("model", "reference"):
+        for name, value in a[record]["state"].items():
+            assert torch.equal(b[record]["state"][name], value), (record, name)
+
+
 def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
     other = world.parent / "other"
     make_toy_world(other, n_train=60, n_dev=10, n_test=10, regions=4, dim=8)  # 8-dim features, not 16
