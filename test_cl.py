@@ -22,6 +22,7 @@ from conftest import NO_JAVA, Hostile, interrupt_after_first_save
 from common import (BOS, CATEGORIES, EOS, KIND, PAD, PLACES, UNK, DataError, Vocab, caption_content, load_split,
                     make_toy_world, nonfinite_images, tokenize)
 from cl_captioning import load_checkpoint
+import common
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE, FEAT_DIM, REGIONS = 12, 6, 4
@@ -211,6 +212,26 @@ def test_toy_objects_depend_on_the_place_and_on_the_main_object(default_train_sp
     with_dog, with_people = [s for s in at[3] if main(s) == "dog"], [s for s in at[3] if main(s) in ("man", "child")]
     assert holding("frisbee", with_dog) > 2 * holding("frisbee", with_people)  # in a park, a dog brings its frisbee
     # measured: 0.30 against 0.08
+
+
+def test_toy_scenes_hold_distinct_objects_and_weak_ones_are_faint_in_the_features():
+    """A scene never holds a category twice; a weak context object gives one faint box (strength 0.35), the others
+    1-2 full ones: measured as each object's best region projection on its category direction."""
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda r: r / np.linalg.norm(r, axis=1, keepdims=True))(rng.standard_normal((n, 128)))
+    directions = {"category": unit(len(CATEGORIES)), "colour": unit(9), "size": unit(2), "position": unit(3),
+                  "place": unit(len(PLACES))}
+    best = {"main": [], "strong": [], "weak": []}
+    for _ in range(1000):
+        scene = common._scene(rng)
+        categories = [obj["category"] for obj in scene["objects"]]
+        assert len(set(categories)) == len(categories)
+        features = common._regions(scene, directions, rng, 12, 128)
+        for k, obj in enumerate(scene["objects"]):
+            kind = "main" if k == 0 else "weak" if obj["weak"] else "strong"
+            best[kind].append((features @ directions["category"][obj["category"]]).max())
+    assert np.percentile(best["weak"], 90) < np.percentile(best["strong"], 10)  # measured: 0.24 against 0.36
+    assert np.mean(best["strong"]) < np.mean(best["main"])  # the main object is the salient one
 
 
 def test_toy_main_object_is_named_in_about_four_of_five_captions(default_train_split):
@@ -558,6 +579,19 @@ def test_toy_overrides_apply_only_where_the_user_gave_no_flag():
     assert cl.parse_args(["--rnn-size", "64"]).rnn_size == 64
     assert cl.parse_args(["--ref=x.pt", "--lr=1e-6"]).lr == 1e-6
     assert cl.parse_args(["--ref", "x.pt"]).lr == cl.TOY_OVERRIDES["cl"]["lr"]
+
+
+@pytest.mark.parametrize("flag, refused, accepted", [  # each numeric flag at the edge of what can work, by hand
+    ("--batch-images", 0, 1), ("--K", 0, 1), ("--epochs", 0, 1), ("--max-steps", -1, 0), ("--save-every", -1, 0),
+    ("--rnn-size", 0, 1), ("--emb-size", 0, 1), ("--max-words", 0, 1), ("--min-count", 0, 1), ("--beam-size", 0, 1),
+    ("--val-images", 0, 1), ("--retrieval-images", -1, 0), ("--pairs-per-forward", 0, 1),
+    ("--replace-ref-every", -1, 0), ("--threads", -1, 0), ("--examples", -1, 0), ("--seed", -1, 0),
+    ("--lr", 1.01, 1.0), ("--lr", 0.0, 1e-9), ("--nu", 0.0, 1e-9), ("--grad-clip", 0.0, 1e-9), ("--dropout", 1.0, 0.99),
+    ("--dropout", -0.01, 0.0), ("--beta1", 1.0, 0.99), ("--target-dropout", 1.0, 0.0)])
+def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(flag, refused, accepted):
+    with pytest.raises(DataError, match=f"^{flag} "):
+        cl.parse_args([flag, str(refused)])
+    assert getattr(cl.parse_args([flag, str(accepted)]), flag[2:].replace("-", "_")) == accepted
 
 
 def test_real_captions_are_cut_at_the_papers_18_words_and_the_toy_grammar_at_its_16():

@@ -954,6 +954,34 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
         assert torch.equal(b["model"][key], value), key
 
 
+def test_ctrl_c_in_an_epoch_with_pgc_labels_then_resume_restores_every_piece_of_state(tiny, tmp_path, monkeypatch):
+    """Ctrl-C at step 22 (epoch 2 of 18 steps: PGC labels in use; periodic saves every 4) leaves last.pt at step 22;
+    the resumed run's last.pt equals the uninterrupted one's: weights, queues, optimizer, PGC labels, store and
+    centroids, RNG states."""
+    argv = tiny_args(tiny, "--epochs", "2", "--save-every", "4")
+    cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "straight")]), tiny / "toy")
+    original = cr.after_step
+    def ctrl_c_at_22(run, *rest):
+        original(run, *rest)
+        if run.step == 22:
+            assert (run.pgc.labels >= 0).any()  # the epoch trains with prototype ids
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cr, "after_step", ctrl_c_at_22)
+    with pytest.raises(SystemExit) as exit_:
+        cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "interrupted")]), tiny / "toy")
+    assert exit_.value.code == 130 and load_checkpoint(tmp_path / "interrupted" / "last.pt")["step"] == 22
+    monkeypatch.setattr(cr, "after_step", original)
+    cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "interrupted"), "--resume"]), tiny / "toy")
+    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "interrupted"))
+    leaves = lambda x: ([y for v in x.values() for y in leaves(v)] if isinstance(x, dict) else
+                        [y for v in x for y in leaves(v)] if isinstance(x, (list, tuple)) else [x])
+    for key in ("model", "optimizer", "pgc_labels", "pgc_store", "pgc_seen", "pgc_centroids", "rng", "step", "epoch"):
+        leaves_a, leaves_b = leaves(a[key]), leaves(b[key])
+        assert len(leaves_a) == len(leaves_b), key
+        for x, y in zip(leaves_a, leaves_b):
+            assert torch.equal(x, y) if torch.is_tensor(x) else x == y, key
+
+
 def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_same_table(tiny, tmp_path, monkeypatch):
     """At the end of an epoch best.pt and last.pt are written one after the other; last.pt records the
     new best dev rsum, so it must come second: a kill after the first save then resumes from the older
@@ -980,6 +1008,38 @@ def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_sam
 
 
 # --- Hardening: whatever a user or a file gets wrong ends in one line, never a traceback or a wrong table ---
+
+@pytest.mark.parametrize("flag, refused, accepted", [  # each numeric flag at the edge of what can work, by hand
+    ("--embed-size", 1, 2), ("--batch-size", 1, 2), ("--max-len", 2, 3), ("--epochs", 0, 1), ("--lr-update", -1, 0),
+    ("--val-images", 0, 1), ("--eval-batch-size", 0, 1), ("--save-every", -1, 0), ("--kmeans-iters", -1, 0),
+    ("--freeze-text-layers", -1, 0), ("--threads", -1, 0), ("--seed", -1, 0), ("--n-concepts", 0, 1),
+    ("--n-prototypes", 0, 1), ("--lr", 1.01, 1.0), ("--lr", 0.0, 1e-9), ("--mu", 0.0, 1e-9), ("--eps", 0.0, 1e-9),
+    ("--grad-clip", 0.0, 1e-9), ("--concept-lambda", 0.0, 1e-9), ("--gamma", -0.01, 0.0), ("--margin", -0.01, 0.0),
+    ("--lambda-inst", -0.01, 0.0), ("--text-lr-scale", -0.01, 0.0), ("--momentum", 1.01, 1.0), ("--beta", -0.01, 0.0),
+    ("--beta", 1.01, 1.0), ("--adj-threshold", 1.01, 1.0), ("--adj-reweight", -0.01, 0.0), ("--bank-size", 1023, 1024)])
+def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(flag, refused, accepted):
+    fixed = ["--batch-size", "1024"] if flag == "--bank-size" else []  # a bank holds at least one global batch
+    with pytest.raises(DataError, match=f"^{flag} "):
+        cr.parse_args(fixed + [flag, str(refused)])
+    assert getattr(cr.parse_args(fixed + [flag, str(accepted)]), flag[2:].replace("-", "_")) == accepted
+
+
+def test_a_live_runs_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(str(other.pid))
+        with pytest.raises(DataError, match=f"^another run \\(pid {other.pid}\\) is using"):
+            cr.lock(tmp_path / "run")
+        assert (tmp_path / "run" / ".lock").read_text() == str(other.pid)  # untouched
+    finally:
+        other.kill()
+        other.wait()
+    release = cr.lock(tmp_path / "run")
+    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
+    release()
+    assert not (tmp_path / "run" / ".lock").exists()
+
 
 def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_line):
     refused_in_one_line(cr.main, Path(cr.__file__), [(tiny_args(tiny, *flags, "--out-dir", tmp_path / str(i)), message)
