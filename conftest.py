@@ -99,7 +99,8 @@ def interrupt_after_first_save(command, last_pt):
     """Starts a training command, sends SIGINT (Ctrl-C) once `last_pt` exists; returns (exit status, stdout,
     stderr)."""
     process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True,  # SIGINT's default action even when the suite runs in the background (&,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # nohup): not ignored
     while not last_pt.exists():
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.01)
