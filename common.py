@@ -44,6 +44,9 @@ class Vocab:
         """Words seen fewer than `min_count` times become <unk>; ids ordered by count, then word."""
         counts = Counter(word for tokens in token_lists for word in tokens)
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        if not kept:  # e.g. captions in a script without [a-z] letters: nothing to caption with
+            raise DataError(f"no word occurs {min_count} times in the training captions (words are [a-z] letters, "
+                            f"lowercased); check the caption files, or lower --min-count")
         return cls(SPECIALS + kept)
 
     def __len__(self):
@@ -87,6 +90,8 @@ def load_split(root, split):
         features = np.load(ims_path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{ims_path} is not a readable .npy file ({e or 'empty'})")
+    if not isinstance(features, np.ndarray):  # np.load opens an .npz archive too, whatever the file's name
+        raise DataError(f"{ims_path} is an .npz archive, not one .npy array; save the features with np.save")
     if features.ndim != 3 or features.dtype.kind != "f" or 0 in features.shape:
         raise DataError(f"{ims_path} must hold float region features shaped (images, regions, dim), "
                         f"got {features.dtype} {features.shape}")

@@ -76,6 +76,8 @@ def test_vocab_min_count_order_and_round_trip():
     assert Vocab(vocab.itos) == vocab  # what a checkpoint keeps: the list of words
     again = Vocab.build((tokenize(t) for t in reversed(texts)), min_count=1)
     assert again.itos == Vocab.build((tokenize(t) for t in texts), min_count=1).itos  # order-independent ids
+    with pytest.raises(DataError, match="no word occurs 2 times in the training captions"):
+        Vocab.build((tokenize(t) for t in ["一只狗", "2 + 2", "一只猫", "a dog"]), min_count=2)  # nothing to caption with
 
 
 @pytest.fixture(scope="module")

@@ -1201,6 +1201,8 @@ def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line)
          "train images 2 hold NaN or inf region features in float32 (1 of 60)"),  # finite in float64, inf in float32
         (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
          "got float64 (0, 4, 16)"),
+        (coder_run + ["--out-dir", tmp_path / "run5", "--data-root", damaged(tiny / "toy", tmp_path / "npz", "train", lambda p: (np.savez(p, np.load(p)), os.replace(f"{p}.npz", p)))],
+         "train_ims.npy is an .npz archive, not one .npy array"),
         (coder_run + ["--out-dir", tmp_path / "run3", "--concept-file", tmp_path / "no-words.npz"], "no-words.npz: 0 words"),
         (coder_run + ["--out-dir", tmp_path / "run4", "--concept-file", tmp_path / "empty.npz"], "empty.npz is not a concept .npz")], expect_one_error_line)
     broken = shutil.copytree(tiny / "toy", tmp_path / "scenes")
