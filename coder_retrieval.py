@@ -1076,19 +1076,14 @@ def load_text_model(name_or_path):
     return tokenizer, model
 
 def hub_reachable(timeout=5):
-    """Can the Hugging Face hub (HF_ENDPOINT) be reached? HF_HUB_OFFLINE=1 says no; a proxy is trusted to."""
-    import socket
-    from urllib.parse import urlparse
+    """Can the Hugging Face hub be reached? HF_HUB_OFFLINE=1: no; behind a proxy: trusted to."""
+    import socket, urllib.parse
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
         return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    with contextlib.suppress(OSError), socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
         return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
