@@ -1389,3 +1389,24 @@ def test_a_lock_is_stale_unless_its_run_lives_and_a_full_disk_leaves_none(tmp_pa
     with pytest.raises(DataError, match=r"^cannot write checkpoints to .*full \(No space left on device\)"):
         cr.lock(tmp_path / "full")
     assert list((tmp_path / "full").iterdir()) == []
+
+
+def coder_signalled_rank(rank, argv, out):
+    after_step = cr.after_step
+
+    def sigterm_on_rank_1_at_step_5(run, *rest):
+        if rank == 1 and run.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(run, *rest)
+
+    cr.after_step = sigterm_on_rank_1_at_step_5
+    try:
+        cr.train(cr.parse_args(argv), Path(argv[1]))
+    except SystemExit as e:
+        (Path(out) / f"code{rank}").write_text(str(e.code))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(run_ranks, tiny, tmp_path):
+    run_ranks(coder_signalled_rank, tiny_args(tiny, "--out-dir", str(tmp_path / "run"), "--batch-size", "8"), tmp_path)
+    assert [(tmp_path / f"code{rank}").read_text() for rank in range(2)] == ["143", "143"]  # none waits for the other
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5
