@@ -718,37 +718,36 @@ def main(argv=None):
 
 
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
-RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other to start
+RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other
 
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
     env = os.environ
-    rank, local_rank, world_size = (env.get(k, d) for k, d in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
-    problem = ", ".join(f"{k}={v!r} is not a number" for k, v in zip(("RANK", "LOCAL_RANK", "WORLD_SIZE"),
-                                                                       (rank, local_rank, world_size)) if not v.isdigit())
-    if not problem and ("RANK" in env or "LOCAL_RANK" in env) and "WORLD_SIZE" not in env:
+    rank, local_rank, world = (env.get(k, d) for k, d in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
+    bad = [f"{k}={v!r}" for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world)) if not v.isdigit()]
+    problem = f"not a number: {', '.join(bad)}" if bad else None
+    if not bad and {"RANK", "LOCAL_RANK"} & env.keys() and "WORLD_SIZE" not in env:
         problem = "RANK or LOCAL_RANK without WORLD_SIZE"
-    elif not problem and not int(rank) < int(world_size):
-        problem = f"RANK {rank} is not below WORLD_SIZE {world_size}"
-    elif not problem and int(world_size) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit()):
+    elif not bad and int(rank) >= int(world):
+        problem = f"RANK {rank} is not below WORLD_SIZE {world}"
+    elif not bad and int(world) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit()):
         problem = "WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT"
     if problem:
         raise DataError(f"incomplete torchrun environment ({problem}); start with torchrun, or unset RANK, LOCAL_RANK "
                         f"and WORLD_SIZE")
-    rank, local_rank, world_size, cuda = int(rank), int(local_rank), int(world_size), torch.cuda.is_available()
-    if world_size > 1 and not dist.is_initialized():
+    rank, local_rank, world, cuda = int(rank), int(local_rank), int(world), torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        try:  # the rendezvous bounded (the store's timeout); the collectives' long (rank 0 validates meanwhile)
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, timeout=timedelta(
-                seconds=RENDEZVOUS_S), is_master=rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+        try:  # the rendezvous bounded by the store's timeout, the collectives by a long one (rank 0 validates meanwhile)
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, timeout=timedelta(seconds=
+                                  RENDEZVOUS_S), is_master=rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
         except RuntimeError as e:
-            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at "
-                            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} ({str(e).splitlines()[0][:80]}); start all "
-                            f"{world_size} with torchrun")
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
+                            f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:80]}); start all {world} with torchrun")
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(hours=1))
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return rank, world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 def wrap_ddp(model, device):
     """Gradients averaged over ranks. Buffers are not re-broadcast at every forward (32 MB a step for COCO's banks):
@@ -814,10 +813,7 @@ def prepare(args, root):
                         f"{config.num_hidden_layers} layers")
     features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
     run.dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (pad_id,)
-    if run.dev[0].shape[2] != features.shape[2]:
-        raise DataError(f"dev region features are {run.dev[0].shape[2]}-dimensional, train's {features.shape[2]}; "
-                        f"every split of --data-root must come from one detector")
-    finite_images(run.dev[0], "dev")
+    same_detector(run.dev[0], "dev", features.shape[2])
     run.pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
     run.pairs = run.pairs[np.isin(run.pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
     run.train_data, run.steps_per_epoch = (features, tokens, pad_id), len(run.pairs) // (args.batch_size * world_size)
@@ -857,8 +853,8 @@ def pair_batches(run, epoch):
     run.bar.close()
 
 def after_step(run, terms, epoch):
-    """The step count, progress, the loss terms kept for the next non-finite check, last.pt every --save-every steps
-    and when a signal came."""
+    """Step count, progress, the loss terms kept for the next non-finite check; last.pt every --save-every steps, and
+    then the exit when a signal came."""
     now = time.perf_counter()
     run.step, run.seconds, run.tick = run.step + 1, run.seconds + now - run.tick, now
     run.seen += run.args.batch_size * run.world_size
@@ -891,7 +887,7 @@ def end_of_epoch(run, epoch):
     if run.rank == 0:
         val = evaluate(run.model, *run.dev, run.device, run.args.beta, batch_size=run.args.eval_batch_size)
         improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
-        rate = f"; {run.seen / run.seconds:.0f} training pairs/s" if run.seconds else ""  # none after a resume at the end
+        rate = f"; {run.seen / run.seconds:.0f} training pairs/s" if run.seconds else ""  # none: resumed at the end
         print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
               f"{val['t2i_r1']:.1f}){'  best' if improved else ''}{rate}")
         if run.model.concepts is not None:
@@ -903,11 +899,12 @@ def end_of_epoch(run, epoch):
     if signum:
         stop(run, signum)
 
-# --- signals: while training SIGINT, SIGTERM and SIGHUP (which schedulers send before a kill) are only recorded ---
-INTERRUPT = {"signal": 0, "saving": None}  # the first signal received, the file being written
+# While training, SIGINT, SIGTERM and SIGHUP (schedulers send it before a kill) are only recorded: the loop saves and
+# exits at its next step or epoch end. INTERRUPT: the first signal, and the file being written (for a second one).
+INTERRUPT = {"signal": 0, "saving": None}
 
 def on_signal(signum, frame):
-    if INTERRUPT["saving"]:  # os.write: a print could interrupt a print
+    if INTERRUPT["saving"]:  # os.write: a print here could break a print under way
         os.write(2, f"\nstill saving {INTERRUPT['saving']}; wait\n".encode())
     INTERRUPT["signal"] = INTERRUPT["signal"] or signum
 
@@ -922,7 +919,7 @@ def signals_deferred():
             signal.signal(s, handler)
 
 def stop_signal(run):
-    """The first signal any rank received (0: none); under torchrun the ranks ask at the same points and agree."""
+    """The first signal any rank received (0: none): under torchrun every rank asks at the same points."""
     if not dist.is_initialized():
         return INTERRUPT["signal"]
     flag = torch.tensor([INTERRUPT["signal"]], device=run.device)
@@ -935,7 +932,6 @@ def stop(run, signum):
               f"command plus --resume")
     raise SystemExit(128 + signum)
 
-# --- checkpoints: one plain dict, written atomically; last.pt resumes only the run whose fingerprint it holds ---
 def checkpoint(run, epoch):
     """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
     return {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
@@ -951,21 +947,47 @@ def save_last(run, epoch):
     states = [rng] * run.world_size
     if dist.is_initialized():
         dist.all_gather_object(states, rng)  # a collective: on every rank
-    ckpt = dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
     if run.rank == 0:
-        save_checkpoint(ckpt, run.last)
+        save_checkpoint(dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu()),
+                        run.last)
     run.kept = f"{run.last} keeps step {run.step}"
     if dist.is_initialized():
         dist.barrier()
 
-# What decides a run's meaning is every flag but these, which may change on --resume (the data, the text encoder and
-# the concept file are fingerprinted by their content, not their paths)
+def save_checkpoint(ckpt, path):
+    """The one atomic save: a temporary file, flushed, renamed over `path`: a kill -9 leaves the old file or the new."""
+    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    INTERRUPT["saving"] = path  # a signal meanwhile says so, and waits
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        size = sum(v.nbytes for v in leaves(ckpt) if torch.is_tensor(v))
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
+                        f"about {size / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+    finally:
+        INTERRUPT["saving"] = None
+
+def leaves(obj):
+    return [y for x in (obj.values() if isinstance(obj, dict) else obj) for y in leaves(x)] if isinstance(
+        obj, (dict, list, tuple)) else [obj]
+
+# A run's meaning is every flag but these, which may change on --resume (data, text encoder and concept file are
+# fingerprinted by their content, not their paths)
 EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "epochs", "lr_update", "eval", "data_root",
             "text_encoder", "concept_file"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
-    """A flat dict of what decides the run: flags, data (caption files' digests, features' shapes), text encoder
-    (configuration, vocabulary), concept file, world size."""
+    """What decides a run, flat: flags, data (caption files' digests, features' shapes), text encoder, concept file,
+    world size."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
     run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
@@ -974,7 +996,7 @@ def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, worl
     return dict(run, **text_fingerprint(text_config.to_dict(), tokenizer))
 
 def text_fingerprint(config, tokenizer=None):
-    """The text encoder's configuration (less its path and version) and the digest of its tokenizer's vocabulary."""
+    """The text encoder's configuration (less its path and version) and a digest of its tokenizer's vocabulary."""
     text = {f"text_config.{k}": v for k, v in sorted(config.items())
             if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")}
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())).encode() if tokenizer else None
@@ -998,10 +1020,8 @@ def same_run(path, old, new):
 def text_encoder_path(args, ckpt):
     """--text-encoder when given, else the checkpoint's if it is here (a copied checkpoint's folder may not be)."""
     stored = (ckpt or {}).get("text_encoder")
-    if args.text_encoder != default_text_encoder() or not isinstance(stored, str) or (os.sep in stored and not
-                                                                                      os.path.isdir(stored)):
-        return args.text_encoder
-    return stored
+    given = args.text_encoder != default_text_encoder()
+    return args.text_encoder if given or not isinstance(stored, str) or os.sep in stored and not os.path.isdir(stored) else stored
 
 def same_text_encoder(path, ckpt, tokenizer, text_model):
     """--eval: the configuration (and the vocabulary, if recorded) the checkpoint was trained with."""
@@ -1042,89 +1062,6 @@ def resume(run, ckpt):
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
-def save_checkpoint(ckpt, path):
-    """The one atomic save: a temporary file, flushed, renamed over `path`: a kill -9 leaves the old file or the new."""
-    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
-    INTERRUPT["saving"] = path  # a signal meanwhile says so, and waits
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        os.fsync(folder)  # the rename itself reaches the disk
-        os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
-    finally:
-        INTERRUPT["saving"] = None
-
-def nbytes(obj):
-    obj = list(obj.values()) if isinstance(obj, dict) else obj
-    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
-
-def lock(out_dir):
-    """One run per --out-dir: .lock appears whole (a temporary file hard-linked into place) holding 'host pid start'.
-    Stale, and taken over: empty, unreadable, malformed, or this host's with its process gone (the pid alone may have
-    been reused: its start time must match). Another host's is respected. Taking it proves the folder writable."""
-    path, tmp = Path(out_dir) / ".lock", Path(out_dir) / f".lock.{os.getpid()}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
-        while True:
-            try:
-                os.link(tmp, path)
-                return lambda: path.unlink(missing_ok=True)
-            except FileExistsError:
-                owner = lock_owner(path)
-                if owner:
-                    raise DataError(f"another run ({owner}) is using {out_dir}; wait for it, or pass another --out-dir "
-                                    f"(if no run is using it, delete {path})")
-                path.unlink(missing_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-def process_start(pid):
-    """Process `pid`'s start time since boot (field 22 of /proc/<pid>/stat); None when no such process runs."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError, ValueError):
-        return None
-
-def lock_owner(path):
-    """Who holds the lock at `path`, in words; None when it is stale."""
-    try:
-        host, pid, start, started = path.read_text().split()
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if host == socket.gethostname() and (not pid.isdigit() or process_start(pid) != start):
-        return None
-    return f"pid {pid} on host {host}, started {started}"
-
-def refuse_early(args, root, device):
-    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
-    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
-    need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if need > total:
-        raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
-                        f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
-    train_dim = load_split(root, "train")[0].shape[2]
-    for _, split, _ in test_splits(args.dataset):
-        features = load_split(root, split)[0]
-        if features.shape[2] != train_dim:
-            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
-                            f"split of --data-root must come from one detector")
-        finite_images(features, split)
-
 # What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
 EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
             "last.pt": dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
@@ -1160,6 +1097,55 @@ def model_from_checkpoint(ckpt, features=None, split=""):
         raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
                         f"{features.shape[2]}-d; use the dataset the model was trained on")
     return model
+
+def lock(out_dir):
+    """One run per --out-dir: .lock appears whole (a temporary file hard-linked into place) holding host, pid, start.
+    Stale, and taken over: empty, unreadable, malformed, or this host's with its process gone (a reused pid has
+    another start time). Another host's is respected. Taking it proves the folder writable."""
+    path, tmp = Path(out_dir) / ".lock", Path(out_dir) / f".lock.{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        while True:
+            try:
+                os.link(tmp, path)
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):  # unreadable or malformed: stale
+                    host, pid, start, started = path.read_text().split()
+                    if host != socket.gethostname() or pid.isdigit() and process_start(pid) == start:
+                        raise DataError(f"another run (pid {pid} on host {host}, started {started}) is using {out_dir}; "
+                                        f"wait for it, or pass another --out-dir (if no run is using it, delete {path})")
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+def process_start(pid):
+    """Process `pid`'s start time since boot (field 22 of /proc/<pid>/stat); None when no such process runs."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+def same_detector(features, split, train_dim):
+    if features.shape[2] != train_dim:
+        raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
+                        f"split of --data-root must come from one detector")
+    finite_images(features, split)
+
+def refuse_early(args, root, device):
+    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
+    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
+    need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > total:
+        raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
+                        f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
+    train_dim = load_split(root, "train")[0].shape[2]
+    for _, split, _ in test_splits(args.dataset):
+        same_detector(load_split(root, split)[0], split, train_dim)
 
 def load_text_model(name_or_path):
     """Tokenizer and pretrained text model; a local folder never touches the network."""

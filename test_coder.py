@@ -1262,8 +1262,8 @@ def test_ctrl_c_during_the_imports_is_one_line_and_130(tmp_path):
 @pytest.mark.parametrize("env, message", [
     ({"RANK": "1"}, "(RANK or LOCAL_RANK without WORLD_SIZE)"),  # it trained silently, saved nothing and exited 0
     ({"WORLD_SIZE": "2"}, "(WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT)"),
-    ({"WORLD_SIZE": "abc"}, "(WORLD_SIZE='abc' is not a number)"),
-    ({"WORLD_SIZE": "2", "RANK": "-1"}, "(RANK='-1' is not a number)"),
+    ({"WORLD_SIZE": "abc"}, "(not a number: WORLD_SIZE='abc')"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "(not a number: RANK='-1')"),
     ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "(RANK 2 is not below WORLD_SIZE 2)"),
 ])
 def test_an_incomplete_torchrun_environment_is_one_line_before_anything_is_written(tiny, tmp_path, monkeypatch,
