@@ -1010,8 +1010,8 @@ def first_change(old, new):
 
 def same_run(path, old, new):
     if not isinstance(old, dict):
-        raise DataError(f"{path} holds no run fingerprint (an older release wrote it), so it cannot be verified; pass "
-                        f"another --out-dir")
+        raise DataError(f"{path} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
+                        f"run; pass another --out-dir")
     change = first_change(old, new)
     if change:
         raise DataError(f"{path} is another run: {change[0]} was {change[1]}, now {change[2]}; resume with the same "

@@ -1326,7 +1326,7 @@ def test_an_edited_last_pt_is_one_line(tiny, straight, tmp_path, expect_one_erro
         (first_moment, "last.pt cannot be resumed (ValueError: optimizer state for a (32, 16) parameter has another"),
         (lambda c: c.update(pgc_store=c["pgc_store"][:1]), "cannot be resumed (ValueError: pgc_store is (1, 32), not"),
         (lambda c: c.update(step=999), "cannot be resumed (ValueError: step 999 is not in epoch 3)"),
-        (lambda c: c.pop("fingerprint"), "holds no run fingerprint (an older release wrote it), so it cannot be verified")]):
+        (lambda c: c.pop("fingerprint"), "has no run fingerprint (an earlier release wrote it): it cannot be verified as this run")]):
         ckpt = load_checkpoint(straight[1] / "last.pt")
         edit(ckpt)
         (tmp_path / str(i)).mkdir()
