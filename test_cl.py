@@ -1,6 +1,7 @@
 """Tests for common.py (vocabulary, the precomputed layout, the toy world) and cl_captioning.py: each
 equation against an independent numpy or brute-force computation, the command line end to end on a
 tiny toy world, then the same on 2 processes."""
+import functools
 import hashlib
 import json
 import math
@@ -1232,6 +1233,103 @@ def test_a_signal_ends_the_run_in_one_line_with_its_status_and_no_traceback(worl
         step = load_checkpoint(last)["step"]
         assert step >= 5 and f"interrupted by {signum.name} at step {step}; {last} keeps step {step}; continue with " \
                               f"the same command plus --resume" in out
+
+
+# --- The paper's configuration: departures printed; the GPU path rehearsed ------------------------------------
+
+def test_a_run_prints_its_departures_under_the_configuration_line_and_the_papers_flag_removes_one(world, tmp_path,
+                                                                                                   capsys):
+    argv = [str(a) for a in TINY + ["--data-root", world, "--max-steps", "1", "--retrieval-images", "0"]]
+    for extra, standardised in (([], True), (["--raw-features"], False)):
+        cl.main(argv + ["--out-dir", str(tmp_path / f"run{len(extra)}")] + extra)
+        lines = capsys.readouterr().out.splitlines()
+        config = next(i for i, line in enumerate(lines) if line.startswith("MLE on toy"))
+        printed = [line[len("  departure: "):] for line in lines[config + 1:] if line.startswith("  departure: ")]
+        assert printed == cl.departures(cl.parse_args(argv + extra)) and len(printed) == 2 + standardised
+        assert all(re.fullmatch(r"[a-z][^:;]*: [^;]+; the paper('s)?: .+", line) for line in printed), printed
+        assert any(line.startswith("features standardised") for line in printed) == standardised
+        assert printed[-1] == "toy world: epochs 12, lr 0.002, max-words 16, chosen on its dev split; the paper's: " \
+                              "--dataset coco"  # the overrides in force: TINY gives the others
+        mean = load_checkpoint(tmp_path / f"run{len(extra)}" / "last.pt")["model"]["state"]["feat_mean"]
+        assert bool(mean.abs().sum() > 0) == standardised  # the flag does what it says
+    coco = cl.departures(cl.parse_args(["--dataset", "coco", "--raw-features"]))
+    assert len(coco) == 1 and coco[0].startswith("region features")  # no toy line on real data
+    assert not any("standardised" in line for line in cl.departures(cl.parse_args(["--ref", "x.pt"])))
+
+
+def test_training_under_bf16_autocast_keeps_finite_losses_and_stores_float32(world, mle_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    """The dtypes CUDA sees, on the CPU: a few MLE and CL steps under bf16 autocast."""
+    monkeypatch.setattr(cl, "mixed_precision", functools.partial(cl.mixed_precision, on_cpu=True))
+    seen = []
+    for name in ("mle_loss", "cl_loss"):
+        def recorded(*args, original=getattr(cl, name), **kwargs):
+            loss = original(*args, **kwargs)
+            seen.append((args[0].dtype, loss.item()))
+            return loss
+        monkeypatch.setattr(cl, name, recorded)
+    common = TINY + ["--data-root", str(world), "--max-steps", "3", "--retrieval-images", "0"]
+    cl.main(common + ["--out-dir", str(tmp_path / "mle")])
+    cl.main(common + ["--out-dir", str(tmp_path / "cl"), "--ref", str(mle_checkpoint), "--K", "2"])
+    assert len(seen) == 6 and all(dtype == torch.bfloat16 and math.isfinite(loss) for dtype, loss in seen), seen
+    for run in ("mle", "cl"):
+        ckpt = load_checkpoint(tmp_path / run / "last.pt")
+        stored = [v for record in ("model", "reference") if ckpt[record] for v in ckpt[record]["state"].values()]
+        stored += [v for state in ckpt["optimizer"]["state"].values() for k, v in state.items() if k != "step"]
+        assert stored and all(v.dtype == torch.float32 for v in stored if v.is_floating_point()), run
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: python -m pytest -q -s -k cuda")
+
+
+@cuda
+def test_cuda_default_toy_run_mle_then_cl(tmp_path):
+    """The default toy world, shortened: MLE 2 epochs, then CL 1 epoch against it, on the GPU (bf16, pinned memory)."""
+    for argv in (["--out-dir", tmp_path / "mle", "--epochs", "2"],
+                 ["--out-dir", tmp_path / "cl", "--ref", tmp_path / "mle" / "best.pt", "--epochs", "1"]):
+        run = subprocess.run([sys.executable, HERE / "cl_captioning.py", *map(str, argv)], capture_output=True, text=True,
+                             timeout=1200, cwd=HERE)
+        assert run.returncode == 0 and "cuda:0" in run.stdout, run.stderr[-3000:]
+        print("\n".join(line for line in run.stdout.splitlines() if line.startswith(("MLE on", "CL on", "trained"))))
+    assert load_checkpoint(tmp_path / "cl" / "last.pt")["stage"] == "cl"
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_cuda_real_shape_cl_step_in_bf16(kind, monkeypatch):
+    """CL steps at COCO's shapes (a 10,000-word vocabulary, 36 regions of 2,048 dimensions, 20 images x 5 captions, K 5,
+    18 words + <eos>) under bf16 autocast, batches through pinned memory: finite losses, float32 weights, speed, memory."""
+    device, rng, n_images, vocab_size = torch.device("cuda"), np.random.default_rng(0), 200, 10_000
+    pinned = []
+    pin_memory = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(1) or pin_memory(self, *a))
+    features = rng.standard_normal((n_images, 36, 2048), dtype=np.float32)
+    captions = rng.integers(4, vocab_size, (n_images, 5, 19))
+    captions[..., 18] = EOS
+    target = cl.CAPTIONERS[kind](vocab_size, 2048).to(device)
+    reference = cl.CAPTIONERS[kind](vocab_size, 2048).to(device).eval().requires_grad_(False)
+    reference.load_state_dict(target.state_dict())
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-6, betas=(0.8, 0.999))
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(12):
+        if step == 2:  # the first steps warm the kernels up
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        ids = np.sort(rng.choice(n_images, 20, replace=False))
+        feats = common.image_batch(features, ids, device)
+        neg = captions[cl.sample_negatives(ids, n_images, 5, rng)].reshape(5, 100, -1)
+        pos, neg = cl.on_device(device, captions[ids].reshape(100, -1), neg)
+        with cl.mixed_precision(device):
+            loss = cl.cl_loss(*cl.contrastive_log_probs(target, reference, feats, pos, neg))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(target.parameters(), 0.1)
+        optimizer.step()
+        assert math.isfinite(loss.item())
+    torch.cuda.synchronize()
+    print(f"\n{kind}: {10 / (time.perf_counter() - started):.1f} CL steps/s (20 images, K 5), peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    assert len(pinned) == 12 and all(p.dtype == torch.float32 for p in target.parameters())
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------
