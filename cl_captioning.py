@@ -828,40 +828,30 @@ def process_start(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     return "?"
 
-def lock_holder(path):
-    """(pid, host, started) of the run holding the .lock at `path`, or None when it is stale: empty, unreadable,
-    malformed, or of this host with a process gone or another process under its pid."""
-    try:
-        host, pid, start = path.read_text().split()
-        pid, started = int(pid), time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if host != socket.gethostname():
-        return pid, host, started  # another machine's: respected
-    if not 0 < pid < 2**22 or pid == os.getpid() or process_start(pid) != start:
-        return None
-    return pid, host, started
-
 def lock(out_dir):
     """One run per --out-dir: .lock holds "host pid start", written whole into a temporary file and linked into place
-    (which fails if one exists). Writing it proves the folder writable now, not at the first checkpoint an hour
-    later. A stale one is taken over. Returns what releases it."""
-    path = Path(out_dir) / ".lock"
+    (which fails if one exists); writing it proves the folder writable now, not at the first checkpoint an hour later.
+    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) is
+    taken over. Returns what releases it."""
+    path, host = Path(out_dir) / ".lock", socket.gethostname()
     tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())}")
+        tmp.write_text(f"{host} {os.getpid()} {process_start(os.getpid())}")
         while True:
             try:
                 os.link(tmp, path)
                 return lambda: path.unlink(missing_ok=True)
             except FileExistsError:
-                holder = lock_holder(path)
-                if holder:
-                    raise DataError(f"another run (pid {holder[0]} on host {holder[1]}, started {holder[2]}) is using "
+                pass
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):  # unreadable or malformed: stale
+                other_host, pid, start = path.read_text().split()
+                pid, started = int(pid), time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+                if other_host != host or 0 < pid < 2**22 and pid != os.getpid() and process_start(pid) == start:
+                    raise DataError(f"another run (pid {pid} on host {other_host}, started {started}) is using "
                                     f"{out_dir}; wait for it, or pass another --out-dir (if no run is using it, delete "
                                     f"{path})")
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
     finally:
