@@ -592,15 +592,18 @@ def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets, checked first; a plain run is rank 0 of 1."""
     env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
     number = {k: int(v) for k, v in env.items() if k != "MASTER_ADDR" and v.strip().isdigit() and len(v) < 10}
-    rank, local_rank, world_size, cuda = number.get("RANK", 0), number.get("LOCAL_RANK", 0), number.get("WORLD_SIZE", 1), torch.cuda.is_available()
-    bad = [f"{k}={v!r} is not a whole number" for k, v in env.items() if k != "MASTER_ADDR" and k not in number]
-    bad += ["RANK or LOCAL_RANK without WORLD_SIZE"] * (("RANK" in env or "LOCAL_RANK" in env) and "WORLD_SIZE" not in env)
-    bad += [f"RANK {rank} not below WORLD_SIZE {world_size}"] * (not bad and not rank < world_size)
-    bad += [f"{k} missing" for k in ("MASTER_ADDR", "MASTER_PORT") if world_size > 1 and k not in env]
-    bad += [f"LOCAL_RANK {local_rank} but {torch.cuda.device_count()} GPUs"] * (cuda and local_rank >= torch.cuda.device_count())
-    if bad:
-        raise DataError(f"incomplete torchrun environment ({'; '.join(bad)}); start with torchrun, or unset RANK, "
-                        f"LOCAL_RANK and WORLD_SIZE")
+    rank, local_rank, world_size = number.get("RANK", 0), number.get("LOCAL_RANK", 0), number.get("WORLD_SIZE", 1)
+    cuda, gpus = torch.cuda.is_available(), torch.cuda.device_count()
+    problems = {f"{k}={v!r} is not a whole number": k not in number for k, v in env.items() if k != "MASTER_ADDR"}
+    ranked = "RANK" in env or "LOCAL_RANK" in env
+    problems |= {"RANK or LOCAL_RANK without WORLD_SIZE": ranked and "WORLD_SIZE" not in env,
+                 f"RANK {rank} not below WORLD_SIZE {world_size}": "WORLD_SIZE" in number and rank >= world_size,
+                 "MASTER_ADDR missing": world_size > 1 and "MASTER_ADDR" not in env,
+                 "MASTER_PORT missing": world_size > 1 and "MASTER_PORT" not in env,
+                 f"LOCAL_RANK {local_rank} but {gpus} GPUs": cuda and local_rank >= gpus}
+    if any(problems.values()):
+        raise DataError(f"incomplete torchrun environment ({'; '.join(p for p, found in problems.items() if found)}); "
+                        f"start with torchrun, or unset RANK, LOCAL_RANK and WORLD_SIZE")
     if world_size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
@@ -662,8 +665,7 @@ def start_run(args, target, reference, optimizer, vocab, out_dir, keep, data):
     return run
 
 def after_step(run, loss, n_images, epoch):
-    """Speed, progress, the loss kept for the finite check; last.pt every --save-every steps and at --max-steps (True);
-    a signal received meanwhile saves this step and ends the run."""
+    """Progress, speed; last.pt every --save-every steps and at --max-steps (then True); a signal received ends the run."""
     now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
@@ -730,8 +732,8 @@ def finish(run):
     return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
 
 def check_finite_loss(run):
-    """The losses since the last look, read where the loop waits for the device anyway: a NaN or inf stops every rank
-    with one line, before anything is saved from it. Returns the latest loss."""
+    """The losses since the last look, read where the loop waits for the device anyway (returns the latest): a NaN or
+    inf stops every rank with one line, before anything is saved from it."""
     values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
     bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
     run.pending.clear()
@@ -923,10 +925,10 @@ def resume(run):
     if not isinstance(saved, dict):
         raise DataError(f"{run.last} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
                         f"run; pass another --out-dir")
-    for key in (k for k in now | saved if saved.get(k) != now.get(k)):
-        short = lambda value: value if value is None or len(str(value)) < 40 else f"{str(value)[:37]}..."
-        raise DataError(f"{run.last} is another run: {key} was {short(saved.get(key))}, now {short(now.get(key))}; "
-                        f"resume with the same data and flags, or pass another --out-dir")
+    changed = [key for key in now | saved if saved.get(key) != now.get(key)]
+    if changed:  # the values are flags, digests and shapes: short
+        raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
+                        f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
     damage = layout_difference(ckpt, expected_last_pt(run, ckpt), "last.pt")
     if damage:
         raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
