@@ -14,8 +14,9 @@ Paper to code: Sec. 5.1 ShowTell, AdaptiveAttention; Eq. 1 mle_loss; Eq. 7 log_r
 Table 5 --init. After main, an appendix of plumbing.
 """
 import argparse, contextlib, functools, hashlib, io, json, math, os, shlex, shutil, signal, socket, sys, time
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: in training, after saving last.pt
 if __name__ == "__main__":  # from the first moment (`import torch` takes seconds) a signal ends the run in one line
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in SIGNALS:
         signal.signal(s, lambda signum, frame: (os.write(2, b"\ninterrupted\n"), sys.exit(128 + signum)))
 from datetime import timedelta
 from pathlib import Path
@@ -665,7 +666,7 @@ def start_run(args, target, reference, optimizer, vocab, out_dir, keep, data):
     return run
 
 def after_step(run, loss, n_images, epoch):
-    """Progress, speed; last.pt every --save-every steps and at --max-steps (then True); a signal received ends the run."""
+    """Progress, speed; last.pt every --save-every steps and at --max-steps (then True); a signal ends the run."""
     now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
@@ -677,7 +678,6 @@ def after_step(run, loss, n_images, epoch):
     stop_on_signal(run, epoch)
     return stop
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SAVING = []  # the file being written now
 
 @contextlib.contextmanager
@@ -697,7 +697,7 @@ def signals_deferred(run):
     stop_on_signal(run, None)  # one that came after the last look: training is saved, stop before the test table
 
 def stop_on_signal(run, epoch):
-    """The first signal any rank got (all agree: a max over ranks each step): last.pt of this step, one line, exit 128+n."""
+    """The first signal any rank got (a max over ranks: all agree): last.pt of this step, one line, exit 128+n."""
     signum = run.signals[0] if run.signals else 0
     if dist.is_initialized():
         flag = torch.tensor([signum], device=run.device)
@@ -751,8 +751,7 @@ RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps"
              "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
 
 def fingerprint(args, vocab, data, world_size):
-    """What decides a run's meaning, flat: data (captions as tokens, features' shapes), vocabulary, the checkpoints
-    it starts from, every flag of the math, world size. Stored in last.pt; --resume must meet the same."""
+    """What decides a run's meaning, flat, stored in last.pt: --resume must meet the same."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     (features, captions), (dev_features, dev_text) = data
     prints = {f"--{k.replace('_', '-')}": str(v) for k, v in vars(args).items() if k not in RESUMABLE}
@@ -763,8 +762,7 @@ def fingerprint(args, vocab, data, world_size):
                      "dev captions": digest("\n".join(dev_text).encode()), "dev features": str(dev_features.shape)}
 
 def checkpoint(run, epoch):
-    """One plain dict; `epoch` is where a resumed run goes on. A model's record (class, constructor arguments,
-    weights) rebuilds it from the file alone; the reference is saved too: it may have been replaced (Sec. 4.3)."""
+    """A plain dict (`epoch`: where a resumed run goes on); the reference too: it may have been replaced (Sec. 4.3)."""
     record = lambda model: {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
     return {"model": record(run.target), "vocab": run.vocab.itos, "args": vars(run.args), "stage": run.args.stage,
             "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": run.optimizer.state_dict(),
@@ -831,10 +829,9 @@ def process_start(pid):
     return "?"
 
 def lock(out_dir):
-    """One run per --out-dir: .lock holds "host pid start", written whole into a temporary file and linked into place
-    (which fails if one exists); writing it proves the folder writable now, not at the first checkpoint an hour later.
-    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) is
-    taken over. Returns what releases it."""
+    """One run per --out-dir (returns what releases it): .lock holds "host pid start", written whole and linked into
+    place (which fails if one exists): proof that the folder is writable now, not at the first checkpoint an hour later.
+    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) goes."""
     path, host = Path(out_dir) / ".lock", socket.gethostname()
     tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
