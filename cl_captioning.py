@@ -13,7 +13,11 @@ Paper to code: Sec. 5.1 ShowTell, AdaptiveAttention; Eq. 1 mle_loss; Eq. 7 log_r
 --terms: Table 4); Sec. 4.2 sample_negatives; Sec. 4.1 self_retrieval_recall; Sec. 4.3 train's --replace-ref-every;
 Table 5 --init. After main, an appendix of plumbing.
 """
-import argparse, contextlib, functools, io, json, math, os, shlex, shutil, sys, time
+import argparse, contextlib, functools, hashlib, io, json, math, os, shlex, shutil, signal, socket, sys, time
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: in training, after saving last.pt
+if __name__ == "__main__":  # from the first moment (`import torch` takes seconds) a signal ends the run in one line
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: (os.write(2, b"\ninterrupted\n"), sys.exit(128 + signum)))
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,6 +78,7 @@ def build_parser():
     add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
     add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
+    add("--raw-features", action="store_true", help="MLE: feed the region features unstandardised, as the paper")
     add("--model", default="showtell", choices=["showtell", "adaatt"],
         help="MLE model: NeuralTalk2/ShowTell or AdaptiveAttention (CL takes it from the checkpoint)")
     add("--rnn-size", type=int, default=512, help="LSTM hidden size")
@@ -94,7 +99,7 @@ def build_parser():
     add("--replace-ref-every", type=int, default=0,
         help="replace the reference by the best target every this many epochs (Sec. 4.3, Table 6; 0: never)")
     add("--beam-size", type=int, default=1, help="beam size at test time (1: greedy)")
-    add("--val-images", type=int, default=5000, help="dev images for the per-epoch CIDEr")
+    add("--val-images", type=int, default=2000, help="dev images for the per-epoch CIDEr (Sec. 5.1: 2,000)")
     add("--retrieval-images", type=int, default=5000, help="N test images in self-retrieval (Sec. 4.1)")
     add("--pairs-per-forward", type=int, default=4096, help="caption-image pairs scored at once in self-retrieval")
     add("--examples", type=int, default=5, help="test images printed with their captions (Figure 2)")
@@ -128,6 +133,19 @@ def parse_args(argv=None):
             raise DataError(f"{flag} must be at {f'least {bounds[0]}' if value < bounds[0] else f'most {bounds[1]}'}, "
                             f"got {value}")
     return args
+
+def departures(args):
+    """The run's departures from the paper, one line each: what, value: what the code does, why; the paper's (flag)."""
+    lines = ["region features: detector regions (--data-root), ShowTell's image vector their mean; the paper: CNN "
+             "features (no flag: other features in --data-root)"]
+    if args.stage == "mle" and not args.raw_features:
+        lines.append("features standardised: train mean, std frozen into the model (self-critical.pytorch's --use_bn), "
+                     "else small nets ignore the image; the paper: raw (--raw-features)")
+    toy = [f"{k.replace('_', '-')} {v:g}" for k, v in TOY_OVERRIDES[args.stage].items() if k != "threads"
+           and getattr(args, k) == v]
+    if args.dataset == "toy" and toy:
+        lines.append(f"toy world: {', '.join(toy)}, chosen on its dev split; the paper's: --dataset coco")
+    return lines
 
 
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
@@ -419,7 +437,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
     results = coco_results(candidates, image_ids)
     if results_file is not None:
-        Path(results_file).write_text(json.dumps(results))
+        write_atomically(results_file, lambda f: f.write(json.dumps(results).encode()), 0, "free some space there")
         results = str(results_file)
     scores = caption_metrics(coco_ground_truth(references, image_ids), results)
     n = min(args.retrieval_images, len(ids))
@@ -448,9 +466,9 @@ def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
         torch.manual_seed(args.seed + rank)  # weights start equal (DDP broadcasts rank 0's), dropout differs
         model = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(target.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    run = start_run(args, target, reference, optimizer, vocab, out_dir, keep)  # step, epoch, best; --resume: last.pt's
-    autocast, epoch = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), run.epoch
-    try:
+    run = start_run(args, target, reference, optimizer, vocab, out_dir, keep, (train_data, dev))  # --resume: last.pt's
+    autocast = mixed_precision(device)  # bf16 on CUDA
+    with signals_deferred(run):  # SIGINT, SIGTERM, SIGHUP: last.pt of this step (or this epoch's end), then exit
         for epoch in range(run.epoch, args.epochs):
             target.train()
             for global_ids, mine in batches(keep, epoch, run):  # this rank's share of a global batch; resumable
@@ -479,11 +497,7 @@ def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
                 if rank == 0:
                     print("reference replaced by the best target so far")
             save_last(run, epoch + 1)
-    except KeyboardInterrupt:
-        save_last(run, epoch)
-        if rank == 0:
-            print(f"\ninterrupted at step {run.step}; {run.kept}; continue with the same command plus --resume")
-        raise SystemExit(130)
+            stop_on_signal(run, epoch + 1)
     return finish(run)
 
 
@@ -493,7 +507,7 @@ def captioners(args, vocab, train_features, device):
     feat_dim = train_features.shape[2]
     if args.stage == "mle":
         target = CAPTIONERS[args.model](len(vocab), feat_dim, args.rnn_size, args.emb_size, args.dropout)
-        return standardize_features(target, train_features).to(device), None
+        return (target if args.raw_features else standardize_features(target, train_features)).to(device), None
     reference = load_captioner(args.ref, vocab, feat_dim, device, args.dataset)[0].eval().requires_grad_(False)
     target = load_captioner(args.init or args.ref, vocab, feat_dim, device, args.dataset)[0]
     if args.target_dropout is not None:
@@ -557,12 +571,13 @@ def main(argv=None):
     keep = finite_images(train_features, "train", args.skip_nonfinite)
     target, reference = captioners(args, vocab, train_features, device)
     out_dir = Path(args.out_dir or f"runs/{args.stage}-{target.kind}-{args.dataset}")
+    refuse_to_overwrite_inputs(args, out_dir)
     release = lock(out_dir) if rank == 0 else (lambda: None)  # one run per folder; fails now if it is not writable
     if rank == 0:
         print(f"{args.stage.upper()} on {args.dataset}, {world_size} process(es), {device}: {target.kind} with "
               f"{sum(p.numel() for p in target.parameters()):,} parameters, {len(vocab)} words, {len(keep)} training "
               f"images; " + ", ".join(f"{k} {getattr(args, k)}" for k in CONFIG_LINE[args.stage]) +
-              f"; checkpoints in {out_dir}/")
+              f"; checkpoints in {out_dir}/", *(f"  departure: {line}" for line in departures(args)), sep="\n")
     try:
         best_path = train(args, target, reference, (train_features, encode_captions(vocab, train_text, args.max_words)),
                           dev, vocab, out_dir, keep)
@@ -571,16 +586,41 @@ def main(argv=None):
     return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
 
-# --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, checks, scoring wrappers) ---------
+# --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, signals, checks, scoring wrappers) -------
+RENDEZVOUS_S = 300  # how long the processes of one launch wait for each other at the start
+
 def setup_ddp():
-    """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    cuda = torch.cuda.is_available()
+    """(rank, world_size, device) from the variables torchrun sets, checked first; a plain run is rank 0 of 1."""
+    env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    number = {k: int(v) for k, v in env.items() if k != "MASTER_ADDR" and v.strip().isdigit() and len(v) < 10}
+    rank, local_rank, world_size = number.get("RANK", 0), number.get("LOCAL_RANK", 0), number.get("WORLD_SIZE", 1)
+    cuda, gpus = torch.cuda.is_available(), torch.cuda.device_count()
+    problems = {f"{k}={v!r} is not a whole number": k not in number for k, v in env.items() if k != "MASTER_ADDR"}
+    ranked = "RANK" in env or "LOCAL_RANK" in env
+    problems |= {"RANK or LOCAL_RANK without WORLD_SIZE": ranked and "WORLD_SIZE" not in env,
+                 f"RANK {rank} not below WORLD_SIZE {world_size}": "WORLD_SIZE" in number and rank >= world_size,
+                 "MASTER_ADDR missing": world_size > 1 and "MASTER_ADDR" not in env,
+                 "MASTER_PORT missing": world_size > 1 and "MASTER_PORT" not in env,
+                 f"LOCAL_RANK {local_rank} but {gpus} GPUs": cuda and local_rank >= gpus}
+    if any(problems.values()):
+        raise DataError(f"incomplete torchrun environment ({'; '.join(p for p, found in problems.items() if found)}); "
+                        f"start with torchrun, or unset RANK, LOCAL_RANK and WORLD_SIZE")
     if world_size > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))  # rank 0 validates meanwhile
+        try:  # rank 0 waits for the others (and they for it) RENDEZVOUS_S, not forever
+            store = next(dist.rendezvous("env://", timeout=timedelta(seconds=RENDEZVOUS_S)))[0]
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
+                            f"{env['MASTER_PORT']} ({type(e).__name__}); start them all with torchrun, or check "
+                            f"MASTER_ADDR and MASTER_PORT")
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+def mixed_precision(device, on_cpu=False):
+    """bf16 autocast on CUDA (on the CPU only when asked: the tests rehearse the dtypes CUDA sees)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or on_cpu)
 
 def epoch_order(n_images, seed, epoch, world_size=1):
     """An epoch's shuffled images, from (seed, epoch) alone: the same on every rank, replayed by --resume. Under DDP
@@ -611,21 +651,22 @@ def on_device(device, *captions):  # cut to the longest caption: the rest is pad
     length = max(used_length(c) for c in captions)
     return [torch.from_numpy(c[..., :length]).to(device) for c in captions]
 
-def start_run(args, target, reference, optimizer, vocab, out_dir, keep):
+def start_run(args, target, reference, optimizer, vocab, out_dir, keep, data):
     """The run in one namespace: what a checkpoint holds and the loop's bookkeeping; --resume takes it from last.pt."""
     rank, world_size, device = setup_ddp()
     run = SimpleNamespace(args=args, target=target, reference=reference, optimizer=optimizer, vocab=vocab, rank=rank,
                           world_size=world_size, device=device, step=0, epoch=0, best_score=-math.inf, best_state=None,
                           last=out_dir / "last.pt", best=out_dir / "best.pt", pending=[], seen=0, seconds=0.0,
-                          kept=f"nothing saved yet in {out_dir}",
+                          kept=f"nothing saved yet in {out_dir}", saved=None, signals=[],
                           loss_name="CL loss -J (Eq. 10)" if reference else "MLE loss (Eq. 1)",
-                          steps_per_epoch=math.ceil(len(keep) / (args.batch_images * world_size)))
+                          steps_per_epoch=math.ceil(len(keep) / (args.batch_images * world_size)),
+                          fingerprint=fingerprint(args, vocab, data, world_size))
     if args.resume:
         resume(run)
     return run
 
 def after_step(run, loss, n_images, epoch):
-    """Speed, progress, the loss kept for the finite check; last.pt every --save-every steps and at --max-steps (True)."""
+    """Progress, speed; last.pt every --save-every steps and at --max-steps (then True); a signal ends the run."""
     now, args = time.perf_counter(), run.args
     run.seconds, run.tick, run.seen = run.seconds + now - run.tick, now, run.seen + n_images * CAPS_PER_IMAGE
     run.pending.append((run.step, loss.detach()))
@@ -634,7 +675,42 @@ def after_step(run, loss, n_images, epoch):
     stop = bool(args.max_steps) and run.step >= args.max_steps
     if stop or args.save_every and run.step % args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
+    stop_on_signal(run, epoch)
     return stop
+
+SAVING = []  # the file being written now
+
+@contextlib.contextmanager
+def signals_deferred(run):
+    """While training, SIGINT, SIGTERM and SIGHUP are only recorded: the loop acts on the first after a step or an
+    epoch's end (validation, best.pt, last.pt: one unit), where last.pt can be consistent. A save is never cut."""
+    def record(signum, frame):
+        run.signals.append(signum)
+        if SAVING:
+            os.write(2, f"\nstill saving {SAVING[-1]}; wait\n".encode())  # os.write: safe inside another print
+    previous = {s: signal.signal(s, record) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    stop_on_signal(run, None)  # one that came after the last look: training is saved, stop before the test table
+
+def stop_on_signal(run, epoch):
+    """The first signal any rank got (a max over ranks: all agree): last.pt of this step, one line, exit 128+n."""
+    signum = run.signals[0] if run.signals else 0
+    if dist.is_initialized():
+        flag = torch.tensor([signum], device=run.device)
+        dist.all_reduce(flag, dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    if not signum:
+        return
+    if run.saved != run.step and epoch is not None:
+        save_last(run, epoch)
+    if run.rank == 0:
+        print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the same "
+              f"command plus --resume", flush=True)
+    raise SystemExit(128 + signum)
 
 def keep_best(run, epoch, dev):
     """Dev CIDEr, rank 0's for every rank; best.pt and the best weights when it is the best so far."""
@@ -650,14 +726,14 @@ def keep_best(run, epoch, dev):
         print(f"epoch {epoch + 1}: dev CIDEr {100 * box[0]:.1f} (best {100 * run.best_score:.1f})")
 
 def finish(run):
-    if run.seen and run.rank == 0:
+    if run.seen and run.seconds > 0 and run.rank == 0:
         print(f"trained {run.seen} captions in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} captions/s" +
               (f" over {run.world_size} processes" if run.world_size > 1 else ""))
     return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
 
 def check_finite_loss(run):
-    """The losses since the last look, read where the loop waits for the device anyway: a NaN or inf stops every rank
-    with one line, before anything is saved from it. Returns the latest loss."""
+    """The losses since the last look, read where the loop waits for the device anyway (returns the latest): a NaN or
+    inf stops every rank with one line, before anything is saved from it."""
     values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
     bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
     run.pending.clear()
@@ -670,38 +746,60 @@ def check_finite_loss(run):
                         f"{run.kept}; try a lower --lr, or check the data")
     return values[-1] if values else math.nan
 
+# Flags a resumed run may change: where it writes, how long it runs, how fast, and what only the test table reads
+RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps", "eval", "data_root", "beam_size",
+             "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
+
+def fingerprint(args, vocab, data, world_size):
+    """What decides a run's meaning, flat, stored in last.pt: --resume must meet the same."""
+    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
+    (features, captions), (dev_features, dev_text) = data
+    prints = {f"--{k.replace('_', '-')}": str(v) for k, v in vars(args).items() if k not in RESUMABLE}
+    prints.update({f"--{flag} file": digest(Path(getattr(args, flag)).read_bytes()) for flag in ("ref", "init")
+                   if getattr(args, flag)})
+    return prints | {"vocabulary": digest("\n".join(vocab.itos).encode()), "world size": str(world_size),
+                     "train captions": digest(np.ascontiguousarray(captions).tobytes()), "train features": str(features.shape),
+                     "dev captions": digest("\n".join(dev_text).encode()), "dev features": str(dev_features.shape)}
+
 def checkpoint(run, epoch):
-    """One plain dict; `epoch` is where a resumed run goes on. A model's record (class, constructor arguments,
-    weights) rebuilds it from the file alone; the reference is saved too: it may have been replaced (Sec. 4.3)."""
+    """A plain dict (`epoch`: where a resumed run goes on); the reference too: it may have been replaced (Sec. 4.3)."""
     record = lambda model: {"kind": model.kind, "kwargs": model.kwargs, "state": model.state_dict()}
     return {"model": record(run.target), "vocab": run.vocab.itos, "args": vars(run.args), "stage": run.args.stage,
             "step": run.step, "epoch": epoch, "best_score": run.best_score, "optimizer": run.optimizer.state_dict(),
-            "world_size": run.world_size, "reference": record(run.reference) if run.reference else None}
+            "world_size": run.world_size, "reference": record(run.reference) if run.reference else None,
+            "fingerprint": run.fingerprint}
+
+def rng_states(run):
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
 
 def save_last(run, epoch):
     """last.pt after a look at the losses since the last one (never what a NaN made), with every rank's torch RNG
     states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
     check_finite_loss(run)
-    ckpt, state = checkpoint(run, epoch), [torch.get_rng_state()]
-    if run.device.type == "cuda":
-        state.append(torch.cuda.get_rng_state(run.device))
+    ckpt, state = checkpoint(run, epoch), rng_states(run)
     ckpt["rng"] = [state] * run.world_size
     if dist.is_initialized():
         dist.all_gather_object(ckpt["rng"], state)  # a collective: on every rank
     if run.rank == 0:
         save_checkpoint(ckpt, run.last)
-    run.kept = f"{run.last} keeps step {run.step}"
+    run.kept, run.saved = f"{run.last} keeps step {run.step}", run.step
     if dist.is_initialized():
         dist.barrier()
 
 def save_checkpoint(ckpt, path):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) leaves the old
-    file or the new one, never a broken one."""
+    nbytes = lambda o: o.nbytes if torch.is_tensor(o) else sum(map(nbytes, o.values() if isinstance(o, dict) else o)) \
+        if isinstance(o, (dict, list, tuple)) else 0
+    write_atomically(path, lambda f: torch.save(ckpt, f), nbytes(ckpt), "free some space or pass another --out-dir")
+
+def write_atomically(path, write, size, advice):
+    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) or a full disk
+    leaves the old file or the new one, never a broken or empty one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
+    SAVING.append(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -709,42 +807,59 @@ def save_checkpoint(ckpt, path):
         os.fsync(folder)  # the rename itself reaches the disk
         os.close(folder)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {nbytes(ckpt) / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+                        f"about {size / 2**20:,.0f} MB in {path.parent}; {advice}")
+    finally:
+        SAVING.pop()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
-def nbytes(obj):
-    obj = list(obj.values()) if isinstance(obj, dict) else obj
-    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
+def refuse_to_overwrite_inputs(args, out_dir):
+    """A stage never writes over the checkpoints it reads: CL into the folder of its --ref would replace it."""
+    outputs = {(out_dir / name).resolve() for name in ("best.pt", "last.pt")}
+    for flag in ("ref", "init"):
+        if getattr(args, flag) and Path(getattr(args, flag)).resolve() in outputs:
+            raise DataError(f"--out-dir {out_dir} holds the --{flag} checkpoint {getattr(args, flag)}, which this run "
+                            f"would overwrite; pass another --out-dir")
+
+def process_start(pid):
+    """A process's start time (/proc/<pid>/stat field 22): a pid reused by another process has another."""
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return "?"
 
 def lock(out_dir):
-    """One run per --out-dir: a .lock file with the owner's pid (one left by a killed run is taken over). Writing it
-    proves the folder writable now, not at the first checkpoint an hour later. Returns what releases it."""
-    path = Path(out_dir) / ".lock"
+    """One run per --out-dir (returns what releases it): .lock holds "host pid start", written whole and linked into
+    place (which fails if one exists): proof that the folder is writable now, not at the first checkpoint an hour later.
+    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) goes."""
+    path, host = Path(out_dir) / ".lock", socket.gethostname()
+    tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{host} {os.getpid()} {process_start(os.getpid())}")
         while True:
             try:
-                with open(path, "x") as f:
-                    f.write(str(os.getpid()))
+                os.link(tmp, path)
                 return lambda: path.unlink(missing_ok=True)
             except FileExistsError:
-                with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):  # its owner is gone
-                    pid = int(path.read_text() or 0)
-                    if pid != os.getpid():
-                        os.kill(pid, 0)  # no error: that process is alive
-                        raise DataError(f"another run (pid {pid}) is using {out_dir}; wait for it, or pass another --out-dir")
-                path.unlink(missing_ok=True)
+                pass
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):  # unreadable or malformed: stale
+                other_host, pid, start = path.read_text().split()
+                pid, started = int(pid), time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+                if other_host != host or 0 < pid < 2**22 and pid != os.getpid() and process_start(pid) == start:
+                    raise DataError(f"another run (pid {pid} on host {other_host}, started {started}) is using "
+                                    f"{out_dir}; wait for it, or pass another --out-dir (if no run is using it, delete "
+                                    f"{path})")
+            path.unlink(missing_ok=True)
     except OSError as e:
         raise DataError(f"cannot write checkpoints to {out_dir} ({e.strerror or e}); pass --out-dir with a writable folder")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
-# What a checkpoint holds: --ref, --init and --eval need its model record and vocabulary, --resume all of it
-CHECKPOINT = dict(model=dict, vocab=list, args=dict, stage=str, step=int, epoch=int, best_score=float, optimizer=dict,
-                  world_size=int, rng=list)
-
-def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.py"):
-    """A checkpoint read safely (weights_only=True never runs code from a file); with `need`, one holding those keys
-    of CHECKPOINT, of their types, and the record of a captioner of this script, or it is not `what`."""
+def load_checkpoint(path, what=None):
+    """A checkpoint read safely (weights_only=True never runs code from a file); with `what`, one holding a captioner
+    record of this script and a vocabulary, or it is not `what`."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -753,15 +868,14 @@ def load_checkpoint(path, need=(), what="a checkpoint written by cl_captioning.p
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
     record = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if need and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS
-                     and all(isinstance(record.get(k), dict) for k in ("kwargs", "state"))
-                     and all(isinstance(ckpt.get(k), CHECKPOINT[k]) for k in need)):
+    if what and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(ckpt.get("vocab"), list)
+                     and all(isinstance(record.get(k), dict) for k in ("kwargs", "state"))):
         raise DataError(f"{path} is not {what}")
     return ckpt
 
 def load_captioner(path, vocab, feat_dim, device, dataset):
     """A captioner rebuilt from a checkpoint's model record, checked against the data it will see."""
-    ckpt = load_checkpoint(path, need=("model", "vocab"))
+    ckpt = load_checkpoint(path, "a checkpoint written by cl_captioning.py")
     record = ckpt["model"]
     if record["kwargs"].get("feat_dim") != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
@@ -779,19 +893,43 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
         raise DataError(f"{path} holds NaN or inf weights; use a checkpoint from before the loss went non-finite")
     return model.to(device), ckpt
 
+def layout_difference(saved, expected, where):
+    """Where `saved` is not laid out as `expected` (keys, lengths, tensor shapes and dtypes, types), or None."""
+    if isinstance(expected, dict) and isinstance(saved, dict):
+        odd = sorted(map(str, saved.keys() - expected.keys())), sorted(map(str, expected.keys() - saved.keys()))
+        if odd[0] or odd[1]:
+            return f"{where} has {f'an unexpected key {odd[0][0]}' if odd[0] else f'no key {odd[1][0]}'}"
+        return next(filter(None, (layout_difference(saved[k], v, f"{where}/{k}") for k, v in expected.items())), None)
+    if isinstance(expected, (list, tuple)) and isinstance(saved, (list, tuple)):
+        if len(saved) != len(expected):
+            return f"{where} has {len(saved)} entries, not {len(expected)}"
+        return next(filter(None, (layout_difference(s, e, f"{where}/{i}") for i, (s, e) in enumerate(zip(saved, expected)))), None)
+    describe = lambda x: f"a {x.dtype} tensor {list(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
+    if describe(saved) != describe(expected):
+        return f"{where} is {describe(saved)}, not {describe(expected)}"
+
+def expected_last_pt(run, ckpt):
+    """What this run's last.pt holds, as a layout: the checkpoint it writes, Adam's state for every parameter."""
+    expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}
+    expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
+                                      for i, p in enumerate(run.target.parameters())}
+    return expected
+
 def resume(run):
-    """Go on from last.pt of --out-dir as if never stopped."""
-    args, ckpt = run.args, load_checkpoint(run.last, CHECKPOINT, "a last.pt written by cl_captioning.py; pass "
-                                                                 "another --out-dir")
-    model, saved = ckpt["model"], dict(ckpt["args"], world_size=ckpt["world_size"])
-    if ckpt["stage"] != args.stage or model["kind"] != run.target.kind or model["kwargs"] != run.target.kwargs:
-        raise DataError(f"{run.last} holds another run ({ckpt['stage']}, {model['kind']} {model['kwargs']}); resume "
-                        f"with the flags of that run, or another --out-dir")
-    for name, value in (("seed", args.seed), ("batch_images", args.batch_images), ("skip_nonfinite", args.skip_nonfinite),
-                        ("world_size", run.world_size)):  # they fix the order of the batches
-        if saved.get(name) != value:
-            raise DataError(f"{run.last} was trained with {name} {saved.get(name)}, not {value}; resume with the same")
-    run.target.load_state_dict(model["state"])
+    """Go on from last.pt of --out-dir as if never stopped, if it is this run's (its fingerprint) and whole."""
+    ckpt = load_checkpoint(run.last, "a last.pt written by cl_captioning.py; pass another --out-dir")
+    saved, now = ckpt.get("fingerprint"), run.fingerprint
+    if not isinstance(saved, dict):
+        raise DataError(f"{run.last} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
+                        f"run; pass another --out-dir")
+    changed = [key for key in now | saved if saved.get(key) != now.get(key)]
+    if changed:  # the values are flags, digests and shapes: short
+        raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
+                        f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
+    damage = layout_difference(ckpt, expected_last_pt(run, ckpt), "last.pt")
+    if damage:
+        raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
+    run.target.load_state_dict(ckpt["model"]["state"])
     if run.reference is not None:
         run.reference.load_state_dict(ckpt["reference"]["state"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -799,12 +937,11 @@ def resume(run):
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
     run.step, run.epoch, run.best_score = ckpt["step"], ckpt["epoch"], ckpt["best_score"]
-    run.kept = f"{run.last} keeps step {run.step}"
-    if run.reference is not None and args.replace_ref_every and run.best_score > -math.inf:
+    run.kept, run.saved = f"{run.last} keeps step {run.step}", run.step
+    if run.reference is not None and run.args.replace_ref_every and run.best_score > -math.inf:
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
-
 def require_memory(args, vocab_size, device):
     """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -899,9 +1036,6 @@ if __name__ == "__main__":
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

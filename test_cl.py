@@ -1,16 +1,19 @@
 """Tests for common.py (vocabulary, the precomputed layout, the toy world) and cl_captioning.py: each
 equation against an independent numpy or brute-force computation, the command line end to end on a
 tiny toy world, then the same on 2 processes."""
+import functools
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 import cl_captioning as cl
-from conftest import NO_JAVA, Hostile, interrupt_after_first_save
+from conftest import NO_JAVA, Hostile
 from common import (BOS, CATEGORIES, EOS, KIND, PAD, PLACES, UNK, DataError, Vocab, caption_content, load_split,
                     make_toy_world, nonfinite_images, tokenize)
 from cl_captioning import load_checkpoint
@@ -701,30 +704,63 @@ def test_resume_continues_an_interrupted_run_from_its_step(mle_checkpoint, world
         assert torch.allclose(b["model"]["state"][name], value, atol=1e-6), name
 
 
-def test_ctrl_c_saves_the_step_it_came_at_and_resume_keeps_the_replaced_reference(mle_checkpoint, world, monkeypatch):
-    """Ctrl-C at step 13 (epoch 2 of 12 steps, after the first replacement of the reference; periodic saves every 5)
-    leaves last.pt at step 13, not 10; resumed, the run ends bit-identical to one never interrupted, reference included."""
+def assert_same_leaves(a, b, where="last.pt"):
+    """Every leaf of two checkpoints equal (tensors bit for bit), but the flags (--resume, --out-dir differ)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a.keys() - {"args"}:
+            assert_same_leaves(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_leaves(x, y, f"{where}/{i}")
+    else:
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, where
+
+
+def signal_on_call(monkeypatch, owner, name, call, *signals):
+    """owner.name sends `signals` to this process on its `call`th call (before doing its work)."""
+    original, calls = getattr(owner, name), []
+    def signalling(*args, **kwargs):
+        calls.append(1)
+        for signum in signals if len(calls) == call else ():
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, signalling)
+
+
+SIGNAL_MOMENTS = {  # (what is patched, its call that signals, the signals, the step last.pt keeps, the exit status)
+    "SIGINT in step 13": (lambda: cl, "cl_loss", 13, [signal.SIGINT], 13, 130),
+    "SIGTERM in epoch 1's validation": (lambda: cl, "validate", 1, [signal.SIGTERM], 12, 143),
+    "SIGHUP, then SIGTERM, in the save of step 10": (lambda: torch, "save", 2, [signal.SIGHUP, signal.SIGTERM], 10, 129)}
+
+
+@pytest.mark.parametrize("moment", SIGNAL_MOMENTS)
+def test_a_signal_at_any_moment_saves_a_consistent_last_pt_and_resume_is_bit_identical(moment, mle_checkpoint, world,
+                                                                                      monkeypatch, capfd):
+    """2 CL epochs of 12 steps, the reference replaced after each, last.pt every 5 steps. A signal mid-step, during the
+    epoch's end or during a save leaves last.pt at that step (an epoch's end whole: best.pt agrees); resumed, the run
+    ends with every leaf of last.pt and best.pt bit-identical to a run never interrupted, reference included."""
     common = TINY + ["--data-root", str(world), "--ref", str(mle_checkpoint), "--K", "2", "--lr", "1e-3", "--epochs",
                      "2", "--retrieval-images", "0", "--replace-ref-every", "1", "--save-every", "5"]
-    straight, interrupted = world.parent / "straight-2", world.parent / "interrupted-2"
-    cl.main(common + ["--out-dir", str(straight)])
-    original = cl.after_step
-    def ctrl_c_at_13(run, *rest):
-        stop = original(run, *rest)
-        if run.step == 13:
-            raise KeyboardInterrupt
-        return stop
-    monkeypatch.setattr(cl, "after_step", ctrl_c_at_13)
-    with pytest.raises(SystemExit) as exit_:
-        cl.main(common + ["--out-dir", str(interrupted)])
-    assert exit_.value.code == 130 and load_checkpoint(interrupted / "last.pt")["step"] == 13
-    monkeypatch.setattr(cl, "after_step", original)
+    straight, interrupted = world.parent / "straight-signals", world.parent / f"signalled-{moment.split()[0]}"
+    if not (straight / "last.pt").exists():
+        cl.main(common + ["--out-dir", str(straight)])
+    owner, name, call, signals, step, code = SIGNAL_MOMENTS[moment]
+    with monkeypatch.context() as patch:
+        signal_on_call(patch, owner(), name, call, *signals)
+        with pytest.raises(SystemExit) as exit_:
+            cl.main(common + ["--out-dir", str(interrupted)])
+    printed = capfd.readouterr()
+    assert exit_.value.code == code and load_checkpoint(interrupted / "last.pt")["step"] == step
+    assert f"interrupted by {signals[0].name} at step {step}; {interrupted / 'last.pt'} keeps step {step}; continue " \
+           f"with the same command plus --resume" in printed.out
+    assert ("still saving" in printed.err) == (len(signals) > 1)
+    if step == 12:  # the epoch's end finished: best.pt and last.pt's best agree
+        assert load_checkpoint(interrupted / "best.pt")["best_score"] == load_checkpoint(interrupted / "last.pt")["best_score"]
     cl.main(common + ["--out-dir", str(interrupted), "--resume"])
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
-    assert a["step"] == b["step"] == 24
-    for record in ("model", "reference"):
-        for name, value in a[record]["state"].items():
-            assert torch.equal(b[record]["state"][name], value), (record, name)
+    for name in ("last.pt", "best.pt"):
+        assert_same_leaves(load_checkpoint(straight / name), load_checkpoint(interrupted / name), name)
 
 
 def test_mismatched_checkpoint_is_a_one_line_error(mle_checkpoint, world):
@@ -990,29 +1026,312 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_pa
     assert load_checkpoint(path)["step"] == 1 and {p.name for p in tmp_path.iterdir()} == {"last.pt"}
 
 
-def test_a_second_run_on_an_out_dir_in_use_is_refused_and_a_dead_runs_lock_taken_over(world, tmp_path):
-    other = subprocess.Popen(["sleep", "60"])
+@pytest.fixture(scope="module")
+def mle_run(world):
+    """An MLE run of 3 steps (last.pt), and the flags that made it."""
+    argv = [str(a) for a in TINY + ["--data-root", world, "--out-dir", world.parent / "fingerprinted", "--max-steps", "3"]]
+    cl.main(argv)
+    return argv, world.parent / "fingerprinted" / "last.pt"
+
+
+def world_like(world, root, seed=None, rename=None):
+    """A toy world of the same size: another draw (seed), or the same with one word renamed everywhere."""
+    if seed is not None:
+        make_toy_world(root, seed=seed, n_train=60, n_dev=10, n_test=10, regions=4, dim=16)
+        return root
+    shutil.copytree(world, root)
+    for split in ("train", "dev"):
+        path = root / f"{split}_caps.txt"
+        path.write_text(re.sub(rf"\b{rename[0]}\b", rename[1], path.read_text()))
+    return root
+
+
+def test_resume_refuses_another_run_naming_what_changed_before_anything_is_written(mle_run, world, tmp_path,
+                                                                                   expect_one_error_line):
+    argv, last = mle_run
+    before = last.read_bytes()
+    common_word = Counter(w for c in load_split(world, "train")[1] for w in tokenize(c)).most_common(12)[-1][0]
+    other_run = "is another run: {} was {}, now {}; resume with the same data and flags, or pass another --out-dir"
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", [
+        (argv + ["--resume", "--lr", "1e-3"], other_run.format("--lr", 0.002, 0.001)),
+        (argv + ["--resume", "--seed", "1"], other_run.format("--seed", 0, 1)),
+        (argv + ["--resume", "--batch-images", "4"], other_run.format("--batch-images", 5, 4)),
+        (argv + ["--resume", "--dropout", "0.1"], other_run.format("--dropout", 0.5, 0.1)),
+        (argv + ["--resume", "--max-words", "12"], other_run.format("--max-words", 16, 12)),
+        (argv + ["--resume", "--model", "adaatt"], other_run.format("--model", "showtell", "adaatt")),
+        (argv + ["--resume", "--data-root", world_like(world, tmp_path / "seed-1", seed=1)], "is another run: vocabulary"),
+        (argv + ["--resume", "--data-root", world_like(world, tmp_path / "renamed", rename=(common_word, "zebu"))],
+         "is another run: vocabulary was"),  # as many words, one of them other
+        ], expect_one_error_line)
+    assert last.read_bytes() == before  # nothing trained or written
+    old = load_checkpoint(last)
+    del old["fingerprint"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "last.pt")
+    with pytest.raises(DataError, match="last.pt has no run fingerprint .*: it cannot be verified as this run; pass "
+                                        "another --out-dir$"):
+        cl.main(argv[:-4] + ["--out-dir", str(tmp_path / "old"), "--resume"])
+    cl.main(argv[:-2] + ["--max-steps", "4", "--resume", "--epochs", "3", "--save-every", "7"])  # what may change
+    assert load_checkpoint(last)["step"] == 4
+
+
+def damage(ckpt, how):
+    state = ckpt["model"]["state"]
+    if how == "a tensor of another shape":
+        state["classifier.bias"] = state["classifier.bias"][:3].clone()
+    elif how == "an extra key":
+        state["extra"] = torch.zeros(1)
+    elif how == "an empty list of RNG states":
+        ckpt["rng"] = []
+    elif how == "an optimizer state of another shape":
+        ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(2)
+    return ckpt
+
+
+def test_a_damaged_last_pt_is_refused_in_one_line(mle_run, tmp_path, expect_one_error_line):
+    argv, last = mle_run
+    cases = {"a tensor of another shape": "last.pt/model/state/classifier.bias is a torch.float32 tensor [3], not a "
+                                          "torch.float32 tensor [",
+             "an extra key": "last.pt/model/state has an unexpected key extra",
+             "an empty list of RNG states": "last.pt/rng has 0 entries, not 1",
+             "an optimizer state of another shape": "last.pt/optimizer/state/0/exp_avg is a torch.float32 tensor [2], not"}
+    runs = []
+    for how, message in cases.items():
+        folder = tmp_path / how.replace(" ", "-")
+        folder.mkdir()
+        torch.save(damage(load_checkpoint(last), how), folder / "last.pt")
+        runs.append((argv[:-4] + ["--out-dir", folder, "--max-steps", "3", "--resume"],
+                     f"{folder / 'last.pt'} is damaged: {message}"))
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", runs, expect_one_error_line)
+
+
+def test_a_stage_never_overwrites_the_checkpoints_it_reads(mle_checkpoint, world, tmp_path, expect_one_error_line):
+    shutil.copy(mle_checkpoint, tmp_path / "last.pt")
+    cl_run = TINY + ["--data-root", world, "--epochs", "1", "--out-dir", mle_checkpoint.parent]
+    before = mle_checkpoint.read_bytes()
+    refused_in_one_line(cl.main, HERE / "cl_captioning.py", [
+        (cl_run + ["--ref", mle_checkpoint], f"--out-dir {mle_checkpoint.parent} holds the --ref checkpoint "
+                                             f"{mle_checkpoint}, which this run would overwrite; pass another --out-dir"),
+        (TINY + ["--data-root", world, "--ref", mle_checkpoint, "--init", tmp_path / "last.pt", "--out-dir", tmp_path],
+         f"holds the --init checkpoint {tmp_path / 'last.pt'}, which this run would overwrite")], expect_one_error_line)
+    assert mle_checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"RANK": "1"}, "RANK or LOCAL_RANK without WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR missing; MASTER_PORT missing"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK 2 not below WORLD_SIZE 2"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK='-1' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "the other processes did not join within 2 s"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1"}, "rank 1: the other processes did not join within")],
+    ids=["not a number", "rank alone", "no master", "rank too high", "negative rank", "rank 0 alone", "rank 1 alone"])
+def test_an_incomplete_launch_environment_or_a_missing_peer_is_one_line(env, message, monkeypatch, world, tmp_path,
+                                                                        expect_one_error_line):
+    """torchrun's variables checked before anything runs; a rendezvous no peer joins ends after RENDEZVOUS_S (2 s)."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    env = env | ({"MASTER_PORT": str(free_port())} if "MASTER_ADDR" in env and "MASTER_PORT" not in env else {})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cl, "RENDEZVOUS_S", 2)
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=re.escape(message)):
+        cl.setup_ddp()
+    assert time.perf_counter() - started < 30 and not torch.distributed.is_initialized()
+    if "MASTER_ADDR" not in env:  # the whole script, as a user starts it
+        expect_one_error_line([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY, "--out-dir",
+                               tmp_path / "run"], message, env=NO_JAVA | env)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_full_disk_while_writing_the_results_leaves_no_empty_file(mle_checkpoint, world, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(mle_checkpoint, checkpoint)
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(DataError, match=r"^cannot write .*captions_test_best_results\.json \(No space left on device\); "
+                                        r"it needs about 0 MB in .*; free some space there$"):
+        cl.main([str(a) for a in TINY + ["--data-root", world, "--eval", checkpoint]])
+    assert {p.name for p in tmp_path.iterdir()} == {"best.pt"}
+
+
+def start_of(pid):
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+def test_the_lock_respects_a_live_run_and_takes_over_a_stale_one(world, tmp_path, monkeypatch):
+    """A live run of this host (pid and start time match) or any run of another host holds the folder; an empty,
+    unreadable or malformed lock, a dead pid, a pid reused by another process, an overflowing pid are taken over."""
+    other, host = subprocess.Popen(["sleep", "60"]), socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cases = {"live": (f"{host} {other.pid} {start_of(other.pid)}", f"another run (pid {other.pid} on host {host}, started "),
+             "another host": ("elsewhere 1 1", "another run (pid 1 on host elsewhere, started "),
+             "dead": (f"{host} {dead.pid} 1", None), "reused pid": (f"{host} {other.pid} 1", None), "empty": ("", None),
+             "malformed": ("12 x", None), "overflowing pid": (f"{host} 99999999999999999999999 1", None),
+             "not text": (b"\xff\xfe", None)}
     try:
-        (tmp_path / "run").mkdir()
-        (tmp_path / "run" / ".lock").write_text(str(other.pid))
-        with pytest.raises(DataError, match=f"^another run \\(pid {other.pid}\\) is using .*run; wait for it, or pass "
-                                             f"another --out-dir$"):
-            cl.main([str(a) for a in ("--data-root", world, *TINY, "--out-dir", tmp_path / "run")])
+        for name, (content, refused) in cases.items():
+            folder = tmp_path / name.replace(" ", "-")
+            folder.mkdir()
+            (folder / ".lock").write_bytes(content if isinstance(content, bytes) else content.encode())
+            if refused:
+                with pytest.raises(DataError, match=re.escape(refused) + r".* is using .*; wait for it, or pass another "
+                                   r"--out-dir \(if no run is using it, delete .*\.lock\)$"):
+                    cl.main([str(a) for a in ("--data-root", world, *TINY, "--out-dir", folder)])
+                continue
+            release = cl.lock(folder)
+            assert (folder / ".lock").read_text() == f"{host} {os.getpid()} {start_of(os.getpid())}", name
+            release()
+            assert not (folder / ".lock").exists() and {p.name for p in folder.iterdir()} == set(), name
     finally:
         other.kill()
         other.wait()
-    release = cl.lock(tmp_path / "run")  # that run is gone: its lock is taken over
-    assert (tmp_path / "run" / ".lock").read_text() == str(os.getpid())
-    release()
-    assert not (tmp_path / "run" / ".lock").exists()
+    def disk_full(self, *args, **kwargs):  # the lock's content cannot be written: one line, no empty .lock behind
+        open(self, "w").close()
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(DataError, match=r"^cannot write checkpoints to .*full \(No space left on device\); pass "
+                                        r"--out-dir with a writable folder$"):
+        cl.lock(tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []
 
 
-def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(world, tmp_path):
-    code, out, err = interrupt_after_first_save([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY,
-                                                 "--out-dir", tmp_path / "run", "--epochs", "50", "--batch-images", "1",
-                                                 "--save-every", "5"], tmp_path / "run" / "last.pt")
-    assert code == 130 and "Traceback" not in err and "continue with the same command plus --resume" in out, err[-2000:]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
+def run_signalled(command, signum, when):
+    """Starts a training command, sends `signum` when `when()` holds; returns (exit status, stdout, stderr)."""
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=NO_JAVA,  # the signals' default actions even when the suite runs in the
+                               preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in cl.SIGNALS])  # background
+    while not when():
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
+@pytest.mark.parametrize("signum, moment", [(signal.SIGINT, "training"), (signal.SIGTERM, "training"),
+                                            (signal.SIGHUP, "training"), (signal.SIGINT, "import"),
+                                            (signal.SIGTERM, "import")])
+def test_a_signal_ends_the_run_in_one_line_with_its_status_and_no_traceback(world, tmp_path, signum, moment):
+    """In training: last.pt of that step, the resume command, 128 + the signal (130, 143, 129); in the first second
+    (Python importing torch): one line `interrupted`, the same status."""
+    last, started = tmp_path / "run" / "last.pt", time.perf_counter()
+    when = last.exists if moment == "training" else lambda: time.perf_counter() > started + 0.3
+    code, out, err = run_signalled([sys.executable, HERE / "cl_captioning.py", "--data-root", world, *TINY, "--out-dir",
+                                    tmp_path / "run", "--epochs", "50", "--batch-images", "1", "--save-every", "5"],
+                                   signum, when)
+    assert code == 128 + signum and "Traceback" not in err, err[-2000:]
+    if moment == "import":
+        assert err.strip() == "interrupted" and not last.exists(), err[-2000:]
+    else:
+        step = load_checkpoint(last)["step"]
+        assert step >= 5 and f"interrupted by {signum.name} at step {step}; {last} keeps step {step}; continue with " \
+                              f"the same command plus --resume" in out
+
+
+# --- The paper's configuration: departures printed; the GPU path rehearsed ------------------------------------
+
+def test_a_run_prints_its_departures_under_the_configuration_line_and_the_papers_flag_removes_one(world, tmp_path,
+                                                                                                   capsys):
+    argv = [str(a) for a in TINY + ["--data-root", world, "--max-steps", "1", "--retrieval-images", "0"]]
+    for extra, standardised in (([], True), (["--raw-features"], False)):
+        cl.main(argv + ["--out-dir", str(tmp_path / f"run{len(extra)}")] + extra)
+        lines = capsys.readouterr().out.splitlines()
+        config = next(i for i, line in enumerate(lines) if line.startswith("MLE on toy"))
+        printed = [line[len("  departure: "):] for line in lines[config + 1:] if line.startswith("  departure: ")]
+        assert printed == cl.departures(cl.parse_args(argv + extra)) and len(printed) == 2 + standardised
+        assert all(re.fullmatch(r"[a-z][^:;]*: [^;]+; the paper('s)?: .+", line) for line in printed), printed
+        assert any(line.startswith("features standardised") for line in printed) == standardised
+        assert printed[-1] == "toy world: epochs 12, lr 0.002, max-words 16, chosen on its dev split; the paper's: " \
+                              "--dataset coco"  # the overrides in force: TINY gives the others
+        mean = load_checkpoint(tmp_path / f"run{len(extra)}" / "last.pt")["model"]["state"]["feat_mean"]
+        assert bool(mean.abs().sum() > 0) == standardised  # the flag does what it says
+    coco = cl.departures(cl.parse_args(["--dataset", "coco", "--raw-features"]))
+    assert len(coco) == 1 and coco[0].startswith("region features")  # no toy line on real data
+    assert not any("standardised" in line for line in cl.departures(cl.parse_args(["--ref", "x.pt"])))
+
+
+def test_training_under_bf16_autocast_keeps_finite_losses_and_stores_float32(world, mle_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    """The dtypes CUDA sees, on the CPU: a few MLE and CL steps under bf16 autocast."""
+    monkeypatch.setattr(cl, "mixed_precision", functools.partial(cl.mixed_precision, on_cpu=True))
+    seen = []
+    for name in ("mle_loss", "cl_loss"):
+        def recorded(*args, original=getattr(cl, name), **kwargs):
+            loss = original(*args, **kwargs)
+            seen.append((args[0].dtype, loss.item()))
+            return loss
+        monkeypatch.setattr(cl, name, recorded)
+    common = TINY + ["--data-root", str(world), "--max-steps", "3", "--retrieval-images", "0"]
+    cl.main(common + ["--out-dir", str(tmp_path / "mle")])
+    cl.main(common + ["--out-dir", str(tmp_path / "cl"), "--ref", str(mle_checkpoint), "--K", "2"])
+    assert len(seen) == 6 and all(dtype == torch.bfloat16 and math.isfinite(loss) for dtype, loss in seen), seen
+    for run in ("mle", "cl"):
+        ckpt = load_checkpoint(tmp_path / run / "last.pt")
+        stored = [v for record in ("model", "reference") if ckpt[record] for v in ckpt[record]["state"].values()]
+        stored += [v for state in ckpt["optimizer"]["state"].values() for k, v in state.items() if k != "step"]
+        assert stored and all(v.dtype == torch.float32 for v in stored if v.is_floating_point()), run
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: python -m pytest -q -s -k cuda")
+
+
+@cuda
+def test_cuda_default_toy_run_mle_then_cl(tmp_path):
+    """The default toy world, shortened: MLE 2 epochs, then CL 1 epoch against it, on the GPU (bf16, pinned memory)."""
+    for argv in (["--out-dir", tmp_path / "mle", "--epochs", "2"],
+                 ["--out-dir", tmp_path / "cl", "--ref", tmp_path / "mle" / "best.pt", "--epochs", "1"]):
+        run = subprocess.run([sys.executable, HERE / "cl_captioning.py", *map(str, argv)], capture_output=True, text=True,
+                             timeout=1200, cwd=HERE)
+        assert run.returncode == 0 and "cuda:0" in run.stdout, run.stderr[-3000:]
+        print("\n".join(line for line in run.stdout.splitlines() if line.startswith(("MLE on", "CL on", "trained"))))
+    assert load_checkpoint(tmp_path / "cl" / "last.pt")["stage"] == "cl"
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["showtell", "adaatt"])
+def test_cuda_real_shape_cl_step_in_bf16(kind, monkeypatch):
+    """CL steps at COCO's shapes (a 10,000-word vocabulary, 36 regions of 2,048 dimensions, 20 images x 5 captions, K 5,
+    18 words + <eos>) under bf16 autocast, batches through pinned memory: finite losses, float32 weights, speed, memory."""
+    device, rng, n_images, vocab_size = torch.device("cuda"), np.random.default_rng(0), 200, 10_000
+    pinned = []
+    pin_memory = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(1) or pin_memory(self, *a))
+    features = rng.standard_normal((n_images, 36, 2048), dtype=np.float32)
+    captions = rng.integers(4, vocab_size, (n_images, 5, 19))
+    captions[..., 18] = EOS
+    target = cl.CAPTIONERS[kind](vocab_size, 2048).to(device)
+    reference = cl.CAPTIONERS[kind](vocab_size, 2048).to(device).eval().requires_grad_(False)
+    reference.load_state_dict(target.state_dict())
+    optimizer = torch.optim.Adam(target.parameters(), lr=1e-6, betas=(0.8, 0.999))
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(12):
+        if step == 2:  # the first steps warm the kernels up
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        ids = np.sort(rng.choice(n_images, 20, replace=False))
+        feats = common.image_batch(features, ids, device)
+        neg = captions[cl.sample_negatives(ids, n_images, 5, rng)].reshape(5, 100, -1)
+        pos, neg = cl.on_device(device, captions[ids].reshape(100, -1), neg)
+        with cl.mixed_precision(device):
+            loss = cl.cl_loss(*cl.contrastive_log_probs(target, reference, feats, pos, neg))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(target.parameters(), 0.1)
+        optimizer.step()
+        assert math.isfinite(loss.item())
+    torch.cuda.synchronize()
+    print(f"\n{kind}: {10 / (time.perf_counter() - started):.1f} CL steps/s (20 images, K 5), peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    assert len(pinned) == 12 and all(p.dtype == torch.float32 for p in target.parameters())
 
 
 # --- Several processes (torchrun / DDP, gloo on the CPU) -------------------------------------------
