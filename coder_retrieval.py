@@ -160,26 +160,6 @@ def parse_args(argv=None):
                         f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
 
-def departures(args):
-    """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
-    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
-    toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
-    found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
-             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
-              "(--text-encoder bert-base-uncased)"),
-             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
-              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
-             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
-              "training captions (--glove, no --concept-file)"),
-             (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
-              "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
-             (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
-              "the paper prints q^T W y (--no-query-norm)"),
-             (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
-              "(--text-lr-scale 1)"),
-             (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
-    return [line for in_force, line in found if in_force]
-
 
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
@@ -742,10 +722,7 @@ def main(argv=None):
     try:
         refuse_early(args, root, device)  # now, not hours later: banks too large, test splits that would fail
         if rank == 0:
-            print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
-                f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
-            for i, line in enumerate(departures(args)):
-                print(("departures from the paper, each with the flag of the paper's form:\n" if i == 0 else "") + "  " + line)
+            print_configuration(args, world_size, device)  # and each departure from the paper in force (appendix)
         start = time.perf_counter()
         best = train(args, root)[2]
     finally:
@@ -1225,6 +1202,33 @@ def hub_reachable(timeout=5):
     with contextlib.suppress(OSError), socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
         return True
     return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+def print_configuration(args, world_size, device):
+    print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
+        f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
+    lines = departures(args)
+    if lines:
+        print("departures from the paper, each with the flag of the paper's form:\n  " + "\n  ".join(lines))
+
+def departures(args):
+    """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
+    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
+    toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
+    found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
+             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
+              "(--text-encoder bert-base-uncased)"),
+             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
+              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
+             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
+              "training captions (--glove, no --concept-file)"),
+             (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
+              "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
+             (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
+              "the paper prints q^T W y (--no-query-norm)"),
+             (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
+              "(--text-lr-scale 1)"),
+             (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
+    return [line for in_force, line in found if in_force]
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
