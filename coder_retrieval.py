@@ -216,10 +216,7 @@ class TextEncoder(nn.Module):
         lower = frozen_lower_layers(self, ids, mask) if lower is None else lower
         if lower is None:
             return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        h, attention_mask, k = lower
-        for layer in self.bert.encoder.layer[k:]:
-            h = layer(h, attention_mask)
-        return h
+        return upper_layers(self.bert, lower)
 
     def forward(self, ids, mask, lower=None):
         return self.fc(self.hidden(ids, mask, lower))
@@ -685,9 +682,6 @@ def train(args, root):
             if model.prototypes is not None:  # Sec. 3.4: the next epoch's PGC labels
                 pgc.cluster(model.prototypes.out_features, args.kmeans_iters, args.seed + epoch, run.rank)
             end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt, then a signal (appendix)
-    if run.seconds and run.rank == 0:
-        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
-              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
     return model, pgc.labels, run.best
 
 
@@ -695,8 +689,7 @@ def train(args, root):
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path, expect="checkpoint")
-    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
-    same_text_encoder(path, ckpt, tokenizer, text_model)  # the one it was trained with (appendix)
+    tokenizer = same_text_encoder(path, ckpt, args)  # --text-encoder or the checkpoint's: the one it was trained with
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
@@ -809,6 +802,13 @@ def frozen_lower_layers(encoder, ids, mask):
         m.train(mode)
     return h, am, k
 
+def upper_layers(bert, lower):
+    """The trainable layers on frozen_lower_layers' output."""
+    h, attention_mask, k = lower
+    for layer in bert.encoder.layer[k:]:
+        h = layer(h, attention_mask)
+    return h
+
 def prepare(args, root):
     """What train() needs in one namespace: rank, data, CODER (or last.pt's, once its fingerprint matches this run's),
     DDP wrapper, Adam, PGC state, bookkeeping. Nothing is trained or written here."""
@@ -881,8 +881,7 @@ def after_step(run, terms, epoch):
     signum = stop_signal(run)
     if signum or run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
-    if signum:
-        stop(run, signum)
+    stop(run, signum)
 
 def check_finite_loss(run):
     """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
@@ -911,9 +910,10 @@ def end_of_epoch(run, epoch):
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
-    signum = stop_signal(run)
-    if signum:
-        stop(run, signum)
+    stop(run, stop_signal(run))
+    if epoch + 1 == run.args.epochs and run.seconds and run.rank == 0:
+        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
+              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
 
 # While training, SIGINT, SIGTERM and SIGHUP (schedulers send it before a kill) are only recorded: the loop saves and
 # exits at its next step or epoch end. INTERRUPT: the first signal, and the file being written (for a second one).
@@ -943,6 +943,9 @@ def stop_signal(run):
     return int(flag)
 
 def stop(run, signum):
+    """After a signal (0: none), the exit with the conventional status."""
+    if not signum:
+        return
     if run.rank == 0:
         print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the same "
               f"command plus --resume")
@@ -1039,8 +1042,9 @@ def text_encoder_path(args, ckpt):
     given = args.text_encoder != (MINILM if args.dataset == "toy" else "bert-base-uncased")
     return args.text_encoder if given or not isinstance(stored, str) or os.sep in stored and not os.path.isdir(stored) else stored
 
-def same_text_encoder(path, ckpt, tokenizer, text_model):
-    """--eval: the configuration (and the vocabulary, if recorded) the checkpoint was trained with."""
+def same_text_encoder(path, ckpt, args):
+    """--eval: the tokenizer of a text encoder with the configuration (and vocabulary, if recorded) it was trained with."""
+    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
     recorded = ckpt.get("fingerprint") if isinstance(ckpt.get("fingerprint"), dict) else {}
     old = dict(text_fingerprint(ckpt["model_args"].get("text_config") or {}), text_vocabulary=recorded.get("text_vocabulary"))
     new = {k: v for k, v in text_fingerprint(text_model.config.to_dict(), tokenizer).items() if old.get(k) is not None}
@@ -1049,6 +1053,7 @@ def same_text_encoder(path, ckpt, tokenizer, text_model):
         raise DataError(f"the text encoder {text_model.config.name_or_path} is not the one {path} was trained with "
                         f"({change[0]} was {change[1]}, now {change[2]}); pass --text-encoder with that one "
                         f"({ckpt.get('text_encoder')})")
+    return tokenizer
 
 def resume(run, ckpt):
     """Go on from last.pt as if never stopped (prepare built the model from it and checked its fingerprint)."""
