@@ -869,8 +869,7 @@ def pair_batches(run, epoch):
     run.bar.close()
 
 def after_step(run, terms, epoch):
-    """Step count, progress, the loss terms kept for the next non-finite check; last.pt every --save-every steps, and
-    then the exit when a signal came."""
+    """Bookkeeping, progress, loss terms for the next non-finite check; last.pt every --save-every steps or on a signal."""
     now = time.perf_counter()
     run.step, run.seconds, run.tick = run.step + 1, run.seconds + now - run.tick, now
     run.seen += run.args.batch_size * run.world_size
@@ -1005,8 +1004,7 @@ EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "ep
             "text_encoder", "concept_file"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
-    """What decides a run, flat: flags, data (caption files' digests, features' shapes), text encoder, concept file,
-    world size."""
+    """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, concept file, world size."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
     run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
@@ -1070,12 +1068,12 @@ def resume(run, ckpt):
         centroids, step = ckpt["pgc_centroids"], ckpt["step"] - ckpt["epoch"] * run.steps_per_epoch
         if centroids is not None and (not torch.is_tensor(centroids) or centroids.shape != (K, pgc.feats.shape[1])):
             raise ValueError("pgc_centroids of another shape")
-        if not 0 <= step <= run.steps_per_epoch:
+        if not isinstance(ckpt["step"], int) or not 0 <= step <= run.steps_per_epoch:
             raise ValueError(f"step {ckpt['step']} is not in epoch {ckpt['epoch'] + 1}")
         torch.set_rng_state(ckpt["rng"][run.rank][0])
         if run.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise DataError(f"{run.last} cannot be resumed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}); it "
                         f"was damaged or not written by coder_retrieval.py; pass another --out-dir")
     run.step, run.epoch, run.best_rsum, pgc.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], centroids
@@ -1083,13 +1081,11 @@ def resume(run, ckpt):
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
-# What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
-EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
-            "last.pt": dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
-                            pgc_store=torch.Tensor, pgc_seen=torch.Tensor)}
+# What every checkpoint holds, by type (what last.pt adds for resuming, resume() checks as it reads it)
+EXPECTED = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
 
 def load_checkpoint(path, expect=None):
-    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt") checks it against EXPECTED."""
+    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): checked against EXPECTED."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -1097,8 +1093,7 @@ def load_checkpoint(path, expect=None):
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
-    need = dict(EXPECTED["checkpoint"], **(EXPECTED["last.pt"] if expect == "last.pt" else {}))
-    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or
+    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in EXPECTED.items()) or
                    not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
                    not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
                    len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts")):
@@ -1261,11 +1256,10 @@ def print_table(rows, ceiling=None, groups=None):
         print(f"{name:<12}{m['i2t_r1']:>8.1f}{m['i2t_r5']:>7.1f}{m['i2t_r10']:>7.1f}{m['i2t_medr']:>6.0f}"
               f"{m['t2i_r1']:>9.1f}{m['t2i_r5']:>7.1f}{m['t2i_r10']:>7.1f}{m['t2i_medr']:>6.0f}{m['rsum']:>8.1f}"
               f"{m['encode_s']:>7.1f}{m['sim_pairs_per_s']:>13.3g}{m['pairs_per_s']:>13.3g}")
+    show = lambda values: " / ".join(f"{v:.1f}" for v in values)
     if ceiling:
         print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
-              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
-              + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
-    show = lambda values: " / ".join(f"{v:.1f}" for v in values)
+              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 {show(ceiling['t2i'])}")
     if ceiling and rows[0][1]["by_group"]:  # the toy world: where the concept branch should help (Sec. 3.2)
         print("t2i R@1/5/10 (ceiling) by what a caption names beside its main object: " + "; ".join(
             f"{what} ({(groups == g).sum()} captions) {show(rows[0][1]['by_group'][g])} "
