@@ -160,26 +160,6 @@ def parse_args(argv=None):
                         f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
 
-def departures(args):
-    """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
-    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
-    toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
-    found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
-             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
-              "(--text-encoder bert-base-uncased)"),
-             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
-              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
-             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
-              "training captions (--glove, no --concept-file)"),
-             (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
-              "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
-             (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
-              "the paper prints q^T W y (--no-query-norm)"),
-             (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
-              "(--text-lr-scale 1)"),
-             (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
-    return [line for in_force, line in found if in_force]
-
 
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
@@ -236,10 +216,7 @@ class TextEncoder(nn.Module):
         lower = frozen_lower_layers(self, ids, mask) if lower is None else lower
         if lower is None:
             return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        h, attention_mask, k = lower
-        for layer in self.bert.encoder.layer[k:]:
-            h = layer(h, attention_mask)
-        return h
+        return upper_layers(self.bert, lower)
 
     def forward(self, ids, mask, lower=None):
         return self.fc(self.hidden(ids, mask, lower))
@@ -705,9 +682,6 @@ def train(args, root):
             if model.prototypes is not None:  # Sec. 3.4: the next epoch's PGC labels
                 pgc.cluster(model.prototypes.out_features, args.kmeans_iters, args.seed + epoch, run.rank)
             end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt, then a signal (appendix)
-    if run.seconds and run.rank == 0:
-        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
-              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
     return model, pgc.labels, run.best
 
 
@@ -715,8 +689,7 @@ def train(args, root):
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path, expect="checkpoint")
-    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
-    same_text_encoder(path, ckpt, tokenizer, text_model)  # the one it was trained with (appendix)
+    tokenizer = same_text_encoder(path, ckpt, args)  # --text-encoder or the checkpoint's: the one it was trained with
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
@@ -742,10 +715,7 @@ def main(argv=None):
     try:
         refuse_early(args, root, device)  # now, not hours later: banks too large, test splits that would fail
         if rank == 0:
-            print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
-                f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
-            for i, line in enumerate(departures(args)):
-                print(("departures from the paper, each with the flag of the paper's form:\n" if i == 0 else "") + "  " + line)
+            print_configuration(args, world_size, device)  # and each departure from the paper in force (appendix)
         start = time.perf_counter()
         best = train(args, root)[2]
     finally:
@@ -832,6 +802,13 @@ def frozen_lower_layers(encoder, ids, mask):
         m.train(mode)
     return h, am, k
 
+def upper_layers(bert, lower):
+    """The trainable layers on frozen_lower_layers' output."""
+    h, attention_mask, k = lower
+    for layer in bert.encoder.layer[k:]:
+        h = layer(h, attention_mask)
+    return h
+
 def prepare(args, root):
     """What train() needs in one namespace: rank, data, CODER (or last.pt's, once its fingerprint matches this run's),
     DDP wrapper, Adam, PGC state, bookkeeping. Nothing is trained or written here."""
@@ -892,8 +869,7 @@ def pair_batches(run, epoch):
     run.bar.close()
 
 def after_step(run, terms, epoch):
-    """Step count, progress, the loss terms kept for the next non-finite check; last.pt every --save-every steps, and
-    then the exit when a signal came."""
+    """Bookkeeping, progress, loss terms for the next non-finite check; last.pt every --save-every steps or on a signal."""
     now = time.perf_counter()
     run.step, run.seconds, run.tick = run.step + 1, run.seconds + now - run.tick, now
     run.seen += run.args.batch_size * run.world_size
@@ -904,8 +880,7 @@ def after_step(run, terms, epoch):
     signum = stop_signal(run)
     if signum or run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
-    if signum:
-        stop(run, signum)
+    stop(run, signum)
 
 def check_finite_loss(run):
     """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
@@ -934,9 +909,10 @@ def end_of_epoch(run, epoch):
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
-    signum = stop_signal(run)
-    if signum:
-        stop(run, signum)
+    stop(run, stop_signal(run))
+    if epoch + 1 == run.args.epochs and run.seconds and run.rank == 0:
+        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
+              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
 
 # While training, SIGINT, SIGTERM and SIGHUP (schedulers send it before a kill) are only recorded: the loop saves and
 # exits at its next step or epoch end. INTERRUPT: the first signal, and the file being written (for a second one).
@@ -966,6 +942,9 @@ def stop_signal(run):
     return int(flag)
 
 def stop(run, signum):
+    """After a signal (0: none), the exit with the conventional status."""
+    if not signum:
+        return
     if run.rank == 0:
         print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the same "
               f"command plus --resume")
@@ -1025,8 +1004,7 @@ EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "ep
             "text_encoder", "concept_file"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
-    """What decides a run, flat: flags, data (caption files' digests, features' shapes), text encoder, concept file,
-    world size."""
+    """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, concept file, world size."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
     run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
@@ -1062,8 +1040,9 @@ def text_encoder_path(args, ckpt):
     given = args.text_encoder != (MINILM if args.dataset == "toy" else "bert-base-uncased")
     return args.text_encoder if given or not isinstance(stored, str) or os.sep in stored and not os.path.isdir(stored) else stored
 
-def same_text_encoder(path, ckpt, tokenizer, text_model):
-    """--eval: the configuration (and the vocabulary, if recorded) the checkpoint was trained with."""
+def same_text_encoder(path, ckpt, args):
+    """--eval: the tokenizer of a text encoder with the configuration (and vocabulary, if recorded) it was trained with."""
+    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
     recorded = ckpt.get("fingerprint") if isinstance(ckpt.get("fingerprint"), dict) else {}
     old = dict(text_fingerprint(ckpt["model_args"].get("text_config") or {}), text_vocabulary=recorded.get("text_vocabulary"))
     new = {k: v for k, v in text_fingerprint(text_model.config.to_dict(), tokenizer).items() if old.get(k) is not None}
@@ -1072,6 +1051,7 @@ def same_text_encoder(path, ckpt, tokenizer, text_model):
         raise DataError(f"the text encoder {text_model.config.name_or_path} is not the one {path} was trained with "
                         f"({change[0]} was {change[1]}, now {change[2]}); pass --text-encoder with that one "
                         f"({ckpt.get('text_encoder')})")
+    return tokenizer
 
 def resume(run, ckpt):
     """Go on from last.pt as if never stopped (prepare built the model from it and checked its fingerprint)."""
@@ -1088,12 +1068,12 @@ def resume(run, ckpt):
         centroids, step = ckpt["pgc_centroids"], ckpt["step"] - ckpt["epoch"] * run.steps_per_epoch
         if centroids is not None and (not torch.is_tensor(centroids) or centroids.shape != (K, pgc.feats.shape[1])):
             raise ValueError("pgc_centroids of another shape")
-        if not 0 <= step <= run.steps_per_epoch:
+        if not isinstance(ckpt["step"], int) or not 0 <= step <= run.steps_per_epoch:
             raise ValueError(f"step {ckpt['step']} is not in epoch {ckpt['epoch'] + 1}")
         torch.set_rng_state(ckpt["rng"][run.rank][0])
         if run.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][run.rank][1], run.device)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise DataError(f"{run.last} cannot be resumed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:80]}); it "
                         f"was damaged or not written by coder_retrieval.py; pass another --out-dir")
     run.step, run.epoch, run.best_rsum, pgc.centroids = ckpt["step"], ckpt["epoch"], ckpt["best_rsum"], centroids
@@ -1101,13 +1081,11 @@ def resume(run, ckpt):
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
-# What checkpoint() writes, by type: what every checkpoint holds, and what last.pt holds for resuming
-EXPECTED = {"checkpoint": dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list),
-            "last.pt": dict(step=int, optimizer=dict, rng=list, world_size=int, pgc_labels=torch.Tensor,
-                            pgc_store=torch.Tensor, pgc_seen=torch.Tensor)}
+# What every checkpoint holds, by type (what last.pt adds for resuming, resume() checks as it reads it)
+EXPECTED = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
 
 def load_checkpoint(path, expect=None):
-    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt") checks it against EXPECTED."""
+    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): checked against EXPECTED."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -1115,8 +1093,7 @@ def load_checkpoint(path, expect=None):
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
                         f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
-    need = dict(EXPECTED["checkpoint"], **(EXPECTED["last.pt"] if expect == "last.pt" else {}))
-    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in need.items()) or
+    if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in EXPECTED.items()) or
                    not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
                    not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
                    len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts")):
@@ -1226,6 +1203,33 @@ def hub_reachable(timeout=5):
         return True
     return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
+def print_configuration(args, world_size, device):
+    print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
+        f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
+    lines = departures(args)
+    if lines:
+        print("departures from the paper, each with the flag of the paper's form:\n  " + "\n  ".join(lines))
+
+def departures(args):
+    """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
+    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
+    toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
+    found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
+             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
+              "(--text-encoder bert-base-uncased)"),
+             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
+              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
+             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
+              "training captions (--glove, no --concept-file)"),
+             (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
+              "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
+             (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
+              "the paper prints q^T W y (--no-query-norm)"),
+             (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
+              "(--text-lr-scale 1)"),
+             (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
+    return [line for in_force, line in found if in_force]
+
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
 
@@ -1252,11 +1256,10 @@ def print_table(rows, ceiling=None, groups=None):
         print(f"{name:<12}{m['i2t_r1']:>8.1f}{m['i2t_r5']:>7.1f}{m['i2t_r10']:>7.1f}{m['i2t_medr']:>6.0f}"
               f"{m['t2i_r1']:>9.1f}{m['t2i_r5']:>7.1f}{m['t2i_r10']:>7.1f}{m['t2i_medr']:>6.0f}{m['rsum']:>8.1f}"
               f"{m['encode_s']:>7.1f}{m['sim_pairs_per_s']:>13.3g}{m['pairs_per_s']:>13.3g}")
+    show = lambda values: " / ".join(f"{v:.1f}" for v in values)
     if ceiling:
         print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
-              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 "
-              + " / ".join(f"{v:.1f}" for v in ceiling["t2i"]))
-    show = lambda values: " / ".join(f"{v:.1f}" for v in values)
+              f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 {show(ceiling['t2i'])}")
     if ceiling and rows[0][1]["by_group"]:  # the toy world: where the concept branch should help (Sec. 3.2)
         print("t2i R@1/5/10 (ceiling) by what a caption names beside its main object: " + "; ".join(
             f"{what} ({(groups == g).sum()} captions) {show(rows[0][1]['by_group'][g])} "
