@@ -1205,10 +1205,8 @@ def hub_reachable(timeout=5):
 
 def print_configuration(args, world_size, device):
     print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
-        f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/")
-    lines = departures(args)
-    if lines:
-        print("departures from the paper, each with the flag of the paper's form:\n  " + "\n  ".join(lines))
+        f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/",
+        *(f"  departure: {line}" for line in departures(args)), sep="\n")
 
 def departures(args):
     """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""

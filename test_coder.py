@@ -895,8 +895,7 @@ def test_each_departure_is_printed_and_the_papers_flags_remove_it(tiny, monkeypa
         cr.main(tiny_args(tiny, "--out-dir", str(tiny / "departures")))
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("CODER on toy"))
-    assert out[at + 1].startswith("departures from the paper")
-    assert out[at + 2:at + 9] == ["  " + line for line in cr.departures(cr.parse_args(tiny_args(tiny)))]
+    assert out[at + 1:at + 8] == ["  departure: " + line for line in cr.departures(cr.parse_args(tiny_args(tiny)))]
 
 
 def test_glove_text_file_gives_the_concepts_their_vectors_in_frequency_order(tiny, tmp_path):
