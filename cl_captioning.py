@@ -623,8 +623,7 @@ def mixed_precision(device, on_cpu=False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or on_cpu)
 
 def epoch_order(n_images, seed, epoch, world_size=1):
-    """An epoch's shuffled images, from (seed, epoch) alone: the same on every rank, replayed by --resume. Under DDP
-    it wraps around to a multiple of the world size (as DistributedSampler pads): every rank has a last batch."""
+    """Shuffled from (seed, epoch) alone: alike on every rank, replayed by --resume; padded as DistributedSampler."""
     order = np.random.default_rng([seed, epoch]).permutation(n_images)
     return np.concatenate([order, order[: -n_images % world_size]])
 
@@ -682,8 +681,7 @@ SAVING = []  # the file being written now
 
 @contextlib.contextmanager
 def signals_deferred(run):
-    """While training, SIGINT, SIGTERM and SIGHUP are only recorded: the loop acts on the first after a step or an
-    epoch's end (validation, best.pt, last.pt: one unit), where last.pt can be consistent. A save is never cut."""
+    """Signals only recorded while training: the loop acts after a step or an epoch's end, where last.pt is whole."""
     def record(signum, frame):
         run.signals.append(signum)
         if SAVING:
@@ -732,8 +730,7 @@ def finish(run):
     return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
 
 def check_finite_loss(run):
-    """The losses since the last look, read where the loop waits for the device anyway (returns the latest): a NaN or
-    inf stops every rank with one line, before anything is saved from it."""
+    """The losses since the last look (returns the latest): a NaN or inf stops every rank before anything is saved."""
     values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
     bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
     run.pending.clear()
@@ -773,8 +770,7 @@ def rng_states(run):
     return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
 
 def save_last(run, epoch):
-    """last.pt after a look at the losses since the last one (never what a NaN made), with every rank's torch RNG
-    states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    """last.pt, never of NaN weights, with every rank's RNG states: a resumed run draws the same dropout masks."""
     check_finite_loss(run)
     ckpt, state = checkpoint(run, epoch), rng_states(run)
     ckpt["rng"] = [state] * run.world_size
@@ -792,8 +788,7 @@ def save_checkpoint(ckpt, path):
     write_atomically(path, lambda f: torch.save(ckpt, f), nbytes(ckpt), "free some space or pass another --out-dir")
 
 def write_atomically(path, write, size, advice):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) or a full disk
-    leaves the old file or the new one, never a broken or empty one."""
+    """Via a flushed temporary file renamed over `path`: a kill -9 or a full disk leaves the old file or the new one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     SAVING.append(path)
     try:
@@ -829,9 +824,7 @@ def process_start(pid):
     return "?"
 
 def lock(out_dir):
-    """One run per --out-dir (returns what releases it): .lock holds "host pid start", written whole and linked into
-    place (which fails if one exists): proof that the folder is writable now, not at the first checkpoint an hour later.
-    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) goes."""
+    """One run per --out-dir (returns its release); taken at once: the folder proves writable now, not an hour later."""
     path, host = Path(out_dir) / ".lock", socket.gethostname()
     tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
@@ -858,8 +851,7 @@ def lock(out_dir):
             tmp.unlink()
 
 def load_checkpoint(path, what=None):
-    """A checkpoint read safely (weights_only=True never runs code from a file); with `what`, one holding a captioner
-    record of this script and a vocabulary, or it is not `what`."""
+    """A checkpoint read safely (weights_only: never runs a file's code); with `what`, one of this script's models."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -975,8 +967,7 @@ def coco_ground_truth(references, image_ids):
     return coco
 
 def caption_metrics(coco, results):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against coco: COCOEvalCap.evaluate
-    without SPICE (it downloads models at run time), PTB-tokenised as there; without Java, [a-z]+ tokens, no METEOR."""
+    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
