@@ -435,7 +435,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
     references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
-    results = coco_results(candidates, image_ids)
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(image_ids, candidates)]  # as the COCO test server
     if results_file is not None:
         write_atomically(results_file, lambda f: f.write(json.dumps(results).encode()), 0, "free some space there")
         results = str(results_file)
@@ -900,13 +900,6 @@ def layout_difference(saved, expected, where):
     if describe(saved) != describe(expected):
         return f"{where} is {describe(saved)}, not {describe(expected)}"
 
-def expected_last_pt(run, ckpt):
-    """What this run's last.pt holds, as a layout: the checkpoint it writes, Adam's state for every parameter."""
-    expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}
-    expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
-                                      for i, p in enumerate(run.target.parameters())}
-    return expected
-
 def resume(run):
     """Go on from last.pt of --out-dir as if never stopped, if it is this run's (its fingerprint) and whole."""
     ckpt = load_checkpoint(run.last, "a last.pt written by cl_captioning.py; pass another --out-dir")
@@ -918,7 +911,10 @@ def resume(run):
     if changed:  # the values are flags, digests and shapes: short
         raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
                         f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
-    damage = layout_difference(ckpt, expected_last_pt(run, ckpt), "last.pt")
+    expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}  # its layout
+    expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
+                                      for i, p in enumerate(run.target.parameters())}  # Adam's, of every parameter
+    damage = layout_difference(ckpt, expected, "last.pt")
     if damage:
         raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
     run.target.load_state_dict(ckpt["model"]["state"])
@@ -949,10 +945,6 @@ def require_memory(args, vocab_size, device):
 def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
-
-def coco_results(candidates, image_ids):
-    """The COCO caption results format, as the online test server takes it: one caption per image."""
-    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
 
 def coco_ground_truth(references, image_ids):
     """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""

@@ -502,7 +502,8 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
                     "annotations": [{"id": 10 * i + k, "image_id": i, "caption": c}
                                     for i, refs in zip(image_ids, references) for k, c in enumerate(refs)]}
     coco.createIndex()
-    coco_res = coco.loadRes([{"image_id": i, "caption": c} for i, c in zip(image_ids, candidates)])
+    results = [{"image_id": i, "caption": c} for i, c in zip(image_ids, candidates)]  # the COCO results format
+    coco_res = coco.loadRes(results)
 
     class NoSpice:  # SPICE downloads Stanford models at run time: COCOEvalCap's other scorers run unchanged
         def compute_score(self, gts, res):
@@ -515,14 +516,14 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
     monkeypatch.setattr(pycocoevalcap.eval, "Meteor", cl.meteor_scorer)  # the same jar: one java start (~10 s), not two
     official = pycocoevalcap.eval.COCOEvalCap(coco, coco_res)
     official.evaluate()
-    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
     names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4", "METEOR": "METEOR",
              "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
     assert set(got) == set(names)
     for ours, theirs in names.items():
         assert got[ours] == pytest.approx(official.eval[theirs], abs=1e-9, rel=0), ours
     monkeypatch.setattr(cl, "ptb_available", lambda: False)  # the [a-z]+ fallback is not the official score
-    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
     assert abs(az["CIDEr"] - official.eval["CIDEr"]) > 1e-3
 
 
@@ -550,7 +551,8 @@ def test_caption_metrics_without_java_use_az_tokens_and_say_so(monkeypatch, caps
     references = [["A dog on the grass.", "a puppy in a field"], ["A red bus on the street", "a bus on a road"],
                   ["A man in blue near a kite", "a guy with a kite on the beach"]]
     candidates = ["a dog on the grass", "a bus, on the road", "a man on the beach"]
-    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), cl.coco_results(candidates, [7, 3, 5]))
+    results = [{"image_id": i, "caption": c} for i, c in zip([7, 3, 5], candidates)]
+    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), results)
     assert "java not found" in capsys.readouterr().err and "METEOR" not in got
     gts = {7: ["a dog on the grass", "a puppy in a field"], 3: ["a red bus on the street", "a bus on a road"],
            5: ["a man in blue near a kite", "a guy with a kite on the beach"]}
