@@ -112,13 +112,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     args.stage = "cl" if args.ref else "mle"
-    for name, value in TOY_OVERRIDES[args.stage].items() if args.dataset == "toy" else ():
+    defaults = {"epochs": 10, "lr": 1e-6} if args.stage == "cl" else {"epochs": 30, "lr": 4e-4}  # as --help says
+    for name, value in (defaults | TOY_OVERRIDES[args.stage] if args.dataset == "toy" else defaults).items():
         if name not in given:
             setattr(args, name, value)
-    if args.epochs is None:
-        args.epochs = 10 if args.stage == "cl" else 30
-    if args.lr is None:
-        args.lr = 1e-6 if args.stage == "cl" else 4e-4
     for name, bounds in BOUNDS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if bounds == "probability":
@@ -189,9 +186,6 @@ class Captioner(nn.Module):
         """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the authors'
         code). Caption i is scored against image image_index[i]: each image is encoded once for all its captions."""
         return self.log_prob_encoded(self.encode(feats), captions, image_index)
-
-    def log_prob(self, feats, captions):
-        return self(feats, captions)
 
     def log_prob_encoded(self, memory, captions, image_index=None):
         if image_index is not None:
@@ -831,11 +825,9 @@ def lock(out_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(f"{host} {os.getpid()} {process_start(os.getpid())}")
         while True:
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
                 return lambda: path.unlink(missing_ok=True)
-            except FileExistsError:
-                pass
             with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):  # unreadable or malformed: stale
                 other_host, pid, start = path.read_text().split()
                 pid, started = int(pid), time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
@@ -872,9 +864,8 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
     if record["kwargs"].get("feat_dim") != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
-    saved_vocab = Vocab(ckpt["vocab"])
-    if saved_vocab != vocab:
-        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
+    if Vocab(ckpt["vocab"]) != vocab:
+        raise DataError(f"{path} was trained with another vocabulary ({len(ckpt['vocab'])} words) than the {dataset} "
                         f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
     try:
         model = CAPTIONERS[record["kind"]](**record["kwargs"])

@@ -344,7 +344,7 @@ def test_log_prob_is_sum_of_word_log_probs_including_eos(kind):
     model, feats = tiny_model(kind), tiny_feats(3)
     captions = torch.tensor([[5, 6, 7, EOS, PAD, PAD], [8, EOS, PAD, PAD, PAD, PAD], [4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        got = model.log_prob(feats, captions)
+        got = model(feats, captions)
     for i in range(3):
         expected = step_by_step_log_prob(model, feats[i], captions[i].tolist())
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
@@ -362,7 +362,7 @@ def test_log_prob_equals_the_log_prob_accumulated_by_greedy_decoding(kind):
         model, feats = tiny_model(kind, seed, eos_bias), tiny_feats(6, seed)
         with torch.no_grad():
             captions, accumulated = model.greedy(feats, max_len=8)
-            assert torch.allclose(model.log_prob(feats, captions), accumulated, atol=1e-4)
+            assert torch.allclose(model(feats, captions), accumulated, atol=1e-4)
         lengths |= set(cl.caption_mask(captions).sum(1).tolist())
     assert len(lengths) >= 3 and 8 in lengths  # the sweep has finished captions of several lengths and unfinished ones
 
@@ -373,8 +373,8 @@ def test_padding_after_eos_changes_nothing(kind):
     captions = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
     garbage = torch.tensor([[5, 6, EOS, 9, 4, 11, 3], [7, EOS, 8, 8, 8, 8, 8]])
     with torch.no_grad():
-        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, garbage), atol=1e-6)
-        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, captions[:, :3]), atol=1e-6)
+        assert torch.allclose(model(feats, captions), model(feats, garbage), atol=1e-6)
+        assert torch.allclose(model(feats, captions), model(feats, captions[:, :3]), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["showtell", "adaatt"])
@@ -398,7 +398,7 @@ def test_larger_beam_never_scores_below_greedy(kind):
             for k in (2, 4):
                 captions, scores = model.beam_search(feats, beam_size=k, max_len=8)
                 assert (scores >= greedy_scores - 1e-5).all()
-                assert torch.allclose(model.log_prob(feats, captions), scores, atol=1e-4)
+                assert torch.allclose(model(feats, captions), scores, atol=1e-4)
                 assert not ((captions == PAD) | (captions == BOS))[:, 0].any()
                 better += int((scores > greedy_scores + 1e-3).sum())
     assert better > 0  # the beam does find better captions somewhere in the sweep
