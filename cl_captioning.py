@@ -195,9 +195,8 @@ class Captioner(nn.Module):
 
     def next_word_log_probs(self, memory, words, state):
         log_probs, state = self.step(memory, words, state)
-        # <pad> and <bos> are never targets in training: never emit them (their mass stays in p)
         allowed = log_probs.clone()
-        allowed[:, [PAD, BOS]] = -math.inf
+        allowed[:, [PAD, BOS]] = -math.inf  # never targets in training: never emitted (their mass stays in p)
         return log_probs, allowed, state
 
     def greedy(self, feats, max_len):
@@ -218,8 +217,7 @@ class Captioner(nn.Module):
         return captions, total
 
     def beam_search(self, feats, beam_size, max_len):
-        """The beam_size best partial captions per image kept at every step, all images at once;
-        a finished caption keeps its score and competes with the unfinished ones to the end."""
+        """All images at once; a finished caption keeps its score and competes with the unfinished ones to the end."""
         batch, k, device = feats.shape[0], beam_size, feats.device
         memory = tuple(m.repeat_interleave(k, 0) for m in self.encode(feats))
         state = self.init_state(memory)
@@ -251,8 +249,7 @@ class Captioner(nn.Module):
         return self.greedy(feats, max_len) if beam_size == 1 else self.beam_search(feats, beam_size, max_len)
 
 class ShowTell(Captioner):
-    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of its regions),
-    projected, is the LSTM's first input; <bos> and the words follow."""
+    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the projected fc feature (its regions' mean) goes first."""
     kind = "showtell"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -371,8 +368,7 @@ def sample_negatives(image_ids, n_images, K, rng):
     return (np.asarray(image_ids)[None, :] + offsets) % n_images
 
 def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
-    """log p_m and log p_n of the positives (B,) and of the K*B negatives (K, B) in one batched forward
-    per model; each image is encoded once and shared by its (1 + K) * 5 captions."""
+    """log p_m and log p_n of the positives (B,) and negatives (K, B): one forward a model, each image encoded once."""
     K, n_pos = neg_captions.shape[0], pos_captions.shape[0]
     captions = torch.cat([pos_captions, neg_captions.reshape(K * n_pos, -1)])
     image_index = own_images(feats.shape[0], feats.device).repeat(1 + K)
@@ -398,8 +394,7 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
 
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j) on the host, images encoded once, at most pairs_per_forward (caption, image)
-    pairs a forward (captions against all N images, or one against a block of them): memory stays fixed as N grows."""
+    """The (N, N) log p(c_t | I_j) on the host, pairs_per_forward (caption, image) pairs a forward: fixed memory."""
     model.eval()
     parts = [model.encode(image_batch(features, ids[i:i + 500], device)) for i in range(0, len(ids), 500)]
     memory, n = tuple(torch.cat(p) for p in zip(*parts)), len(ids)
@@ -423,8 +418,7 @@ def generate_captions(model, features, ids, args, device, beam_size=1, batch=500
                       for i in range(0, len(ids), batch)])
 
 def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
-    """Caption metrics (Sec. 5) of the model's captions for every image, self-retrieval recall on the first
-    --retrieval-images; with results_file, scored from the captions written there in the COCO results format."""
+    """Caption metrics (Sec. 5), self-retrieval on the first --retrieval-images; results_file: scored from that file."""
     ids = np.arange(len(features))
     generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
@@ -811,14 +805,12 @@ def refuse_to_overwrite_inputs(args, out_dir):
             raise DataError(f"--out-dir {out_dir} holds the --{flag} checkpoint {getattr(args, flag)}, which this run "
                             f"would overwrite; pass another --out-dir")
 
-def process_start(pid):
-    """A process's start time (/proc/<pid>/stat field 22): a pid reused by another process has another."""
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return "?"
-
 def lock(out_dir):
     """One run per --out-dir (returns its release); taken at once: the folder proves writable now, not an hour later."""
+    def process_start(pid):  # /proc/<pid>/stat field 22: a pid reused by another process has another start time
+        with contextlib.suppress(OSError, IndexError):
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return "?"
     path, host = Path(out_dir) / ".lock", socket.gethostname()
     tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
@@ -959,8 +951,7 @@ def caption_metrics(coco, results):
         coco_res = coco.loadRes(results)
     gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
     if ptb_available():
-        tokenizer = PTBTokenizer()
-        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        gts, res = (PTBTokenizer().tokenize(d) for d in (gts, res))
     else:
         warn_no_java()
         gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
