@@ -41,8 +41,7 @@ from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_imag
 TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: one is fastest; toy captions: <= 16 words
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3, "retrieval_images": 500,
             "max_words": 16},
-    "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500, "max_words": 16},
-}
+    "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500, "max_words": 16}}
 # What each number may be: an integer (lowest, highest); a positive float its highest; a "probability" [0, 1)
 BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12), save_every=(0, 10**12),
               rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4), min_count=(1, 10**9), beam_size=(1, 10**3),
@@ -144,7 +143,6 @@ def departures(args):
         lines.append(f"toy world: {', '.join(toy)}, chosen on its dev split; the paper's: --dataset coco")
     return lines
 
-
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
 def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
@@ -153,7 +151,6 @@ def encode_captions(vocab, captions, max_words):
 def own_images(n_images, device):
     """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
     return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
 
 # --- Captioners: NeuralTalk2 / ShowTell and AdaptiveAttention (Sec. 5.1) ---------------------------
 def caption_mask(captions):
@@ -183,8 +180,7 @@ class Captioner(nn.Module):
         return embed
 
     def forward(self, feats, captions, image_index=None):
-        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the authors'
-        code). Caption i is scored against image image_index[i]: each image is encoded once for all its captions."""
+        """log p(c_i|I) (B,): <eos> counted, padding masked; caption i on image image_index[i]: images encoded once."""
         return self.log_prob_encoded(self.encode(feats), captions, image_index)
 
     def log_prob_encoded(self, memory, captions, image_index=None):
@@ -245,9 +241,6 @@ class Captioner(nn.Module):
         best = scores.argmax(1) + torch.arange(batch, device=device) * k
         return captions[best], scores.max(1).values
 
-    def generate(self, feats, beam_size, max_len):
-        return self.greedy(feats, max_len) if beam_size == 1 else self.beam_search(feats, beam_size, max_len)
-
 class ShowTell(Captioner):
     """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the projected fc feature (its regions' mean) goes first."""
     kind = "showtell"
@@ -277,9 +270,8 @@ class ShowTell(Captioner):
         return F.log_softmax(self.classifier(self.dropout(out[:, 1:])), -1)
 
 class AdaptiveAttention(Captioner):
-    """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; a visual sentinel
-    s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(c_t); attention over the k regions and the sentinel;
-    p_t = softmax(W_p tanh(c_hat_t + h_t))."""
+    """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; attention over the k regions and a visual sentinel
+    s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(c_t); p_t = softmax(W_p tanh(c_hat_t + h_t))."""
     kind = "adaatt"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -327,8 +319,7 @@ class AdaptiveAttention(Captioner):
         return torch.stack(steps, 1)
 
 def standardize_features(model, features, n=2000):
-    """Per-dimension mean and std of region features over (up to n) training images, frozen into the model (a frozen
-    BatchNorm, as self-critical.pytorch's --use_bn): without it the toy world's captioners ignore the image."""
+    """A frozen BatchNorm of region features (self-critical.pytorch's --use_bn): else small nets ignore the image."""
     sample = torch.from_numpy(np.array(features[:n], dtype=np.float32)).flatten(0, 1)
     sample = sample[torch.isfinite(sample).all(1)]  # a NaN image is reported by the training loop, not spread
     model.feat_mean.copy_(sample.mean(0))
@@ -337,12 +328,10 @@ def standardize_features(model, features, n=2000):
 
 CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
-
 # --- Maximum likelihood (Eq. 1) --------------------------------------------------------------------
 def mle_loss(log_probs, captions):
     """-Eq. 1 per word: the negative log-likelihood of the ground-truth words, averaged over words."""
     return -log_probs.sum() / caption_mask(captions).sum()
-
 
 # --- Contrastive learning (Sec. 4.2) ---------------------------------------------------------------
 def log_ratio(log_p_target, log_p_ref):
@@ -360,8 +349,7 @@ def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0
     return -J
 
 def sample_negatives(image_ids, n_images, K, rng):
-    """K rounds of mismatched images (K, B): for image I_t, one whose captions form c_/t in C_/I_t
-    (Sec. 4.2). Offsets 1..N-1 make it uniform over the *other* images of the split, never I_t."""
+    """K rounds (K, B) of images whose captions are c_/t for I_t (Sec. 4.2): uniform over the *other* images."""
     if n_images < 2:
         raise DataError("contrastive learning needs at least two training images")
     offsets = rng.integers(1, n_images, size=(K, len(image_ids)))
@@ -377,7 +365,6 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
         logp_ref = reference(feats, captions, image_index)
     return (logp_target[:n_pos], logp_ref[:n_pos], logp_target[n_pos:].reshape(K, n_pos),
             logp_ref[n_pos:].reshape(K, n_pos))
-
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
@@ -414,7 +401,8 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
 @torch.no_grad()
 def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
     model.eval()
-    return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
+    decode = model.greedy if beam_size == 1 else functools.partial(model.beam_search, beam_size=beam_size)
+    return torch.cat([decode(image_batch(features, ids[i:i + batch], device), max_len=args.max_words + 1)[0].cpu()
                       for i in range(0, len(ids), batch)])
 
 def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
@@ -443,11 +431,9 @@ def validate(model, dev, vocab, args, device):
     references = {i: [" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids}
     return float(Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0])
 
-
 # --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
 def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
-    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each rank
-    trains on its share of every global batch (`keep`: the images trained on); rank 0 alone validates and saves."""
+    """MLE (reference None) or CL on the `keep` images; the best checkpoint's path. Rank 0 alone validates and saves."""
     rank, world_size, device = setup_ddp()
     (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
     if world_size > 1:
@@ -487,7 +473,6 @@ def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
             save_last(run, epoch + 1)
             stop_on_signal(run, epoch + 1)
     return finish(run)
-
 
 # --- Main ---------------------------------------------------------------------------------------------
 def captioners(args, vocab, train_features, device):
@@ -573,9 +558,12 @@ def main(argv=None):
         release()
     return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
-
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, signals, checks, scoring wrappers) -------
 RENDEZVOUS_S = 300  # how long the processes of one launch wait for each other at the start
+SAVING = []  # the file being written now: a signal meanwhile is told to wait
+# Flags a resumed run may change: where it writes, how long it runs, how fast, and what only the test table reads
+RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps", "eval", "data_root", "beam_size",
+             "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
 
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets, checked first; a plain run is rank 0 of 1."""
@@ -665,8 +653,6 @@ def after_step(run, loss, n_images, epoch):
     stop_on_signal(run, epoch)
     return stop
 
-SAVING = []  # the file being written now
-
 @contextlib.contextmanager
 def signals_deferred(run):
     """Signals only recorded while training: the loop acts after a step or an epoch's end, where last.pt is whole."""
@@ -730,10 +716,6 @@ def check_finite_loss(run):
         raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
                         f"{run.kept}; try a lower --lr, or check the data")
     return values[-1] if values else math.nan
-
-# Flags a resumed run may change: where it writes, how long it runs, how fast, and what only the test table reads
-RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps", "eval", "data_root", "beam_size",
-             "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
 
 def fingerprint(args, vocab, data, world_size):
     """What decides a run's meaning, flat, stored in last.pt: --resume must meet the same."""
@@ -955,8 +937,7 @@ def caption_metrics(coco, results):
     else:
         warn_no_java()
         gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
+    scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
     if ptb_available():
         scores["METEOR"] = meteor(gts, res)
     scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
@@ -989,12 +970,10 @@ def meteor(gts, res):
 
 def print_table(columns, title):
     """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
-    names = list(columns)
-    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in names))
+    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in columns))
     for metric in next(iter(columns.values())):
         scale = 1 if metric.startswith("R@") else 100
-        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
-
+        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in columns))
 
 if __name__ == "__main__":
     try:
