@@ -41,8 +41,7 @@ from common import (BOS, CAPS_PER_IMAGE, EOS, PAD, DataError, Vocab, finite_imag
 TOY_OVERRIDES = {  # the toy nets are too small to gain from intra-op threads: one is fastest; toy captions: <= 16 words
     "mle": {"threads": 1, "rnn_size": 128, "emb_size": 128, "epochs": 12, "lr": 2e-3, "retrieval_images": 500,
             "max_words": 16},
-    "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500, "max_words": 16},
-}
+    "cl": {"threads": 1, "epochs": 3, "lr": 5e-4, "target_dropout": 0.0, "retrieval_images": 500, "max_words": 16}}
 # What each number may be: an integer (lowest, highest); a positive float its highest; a "probability" [0, 1)
 BOUNDS = dict(batch_images=(1, 10**6), K=(1, 10**6), epochs=(1, 10**6), max_steps=(0, 10**12), save_every=(0, 10**12),
               rnn_size=(1, 10**5), emb_size=(1, 10**5), max_words=(1, 10**4), min_count=(1, 10**9), beam_size=(1, 10**3),
@@ -112,13 +111,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions for s in a.option_strings for arg in argv if arg == s or arg.startswith(s + "=")}
     args.stage = "cl" if args.ref else "mle"
-    for name, value in TOY_OVERRIDES[args.stage].items() if args.dataset == "toy" else ():
+    defaults = {"epochs": 10, "lr": 1e-6} if args.stage == "cl" else {"epochs": 30, "lr": 4e-4}  # as --help says
+    for name, value in (defaults | TOY_OVERRIDES[args.stage] if args.dataset == "toy" else defaults).items():
         if name not in given:
             setattr(args, name, value)
-    if args.epochs is None:
-        args.epochs = 10 if args.stage == "cl" else 30
-    if args.lr is None:
-        args.lr = 1e-6 if args.stage == "cl" else 4e-4
     for name, bounds in BOUNDS.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if bounds == "probability":
@@ -147,7 +143,6 @@ def departures(args):
         lines.append(f"toy world: {', '.join(toy)}, chosen on its dev split; the paper's: --dataset coco")
     return lines
 
-
 # --- Data: images with their five captions (Sec. 5.1) ---------------------------------------------
 def encode_captions(vocab, captions, max_words):
     """All captions as ids once, shaped (images, 5, max_words + 1): words, <eos>, padding."""
@@ -156,7 +151,6 @@ def encode_captions(vocab, captions, max_words):
 def own_images(n_images, device):
     """The image of each of a batch's 5n captions: 0, 0, 0, 0, 0, 1, ..."""
     return torch.arange(n_images, device=device).repeat_interleave(CAPS_PER_IMAGE)
-
 
 # --- Captioners: NeuralTalk2 / ShowTell and AdaptiveAttention (Sec. 5.1) ---------------------------
 def caption_mask(captions):
@@ -186,12 +180,8 @@ class Captioner(nn.Module):
         return embed
 
     def forward(self, feats, captions, image_index=None):
-        """log p(c_i|I) (B,): the sum of the words' log-probs including <eos>, padding masked (as the authors'
-        code). Caption i is scored against image image_index[i]: each image is encoded once for all its captions."""
+        """log p(c_i|I) (B,): <eos> counted, padding masked; caption i on image image_index[i]: images encoded once."""
         return self.log_prob_encoded(self.encode(feats), captions, image_index)
-
-    def log_prob(self, feats, captions):
-        return self(feats, captions)
 
     def log_prob_encoded(self, memory, captions, image_index=None):
         if image_index is not None:
@@ -201,9 +191,8 @@ class Captioner(nn.Module):
 
     def next_word_log_probs(self, memory, words, state):
         log_probs, state = self.step(memory, words, state)
-        # <pad> and <bos> are never targets in training: never emit them (their mass stays in p)
         allowed = log_probs.clone()
-        allowed[:, [PAD, BOS]] = -math.inf
+        allowed[:, [PAD, BOS]] = -math.inf  # never targets in training: never emitted (their mass stays in p)
         return log_probs, allowed, state
 
     def greedy(self, feats, max_len):
@@ -224,8 +213,7 @@ class Captioner(nn.Module):
         return captions, total
 
     def beam_search(self, feats, beam_size, max_len):
-        """The beam_size best partial captions per image kept at every step, all images at once;
-        a finished caption keeps its score and competes with the unfinished ones to the end."""
+        """All images at once; a finished caption keeps its score and competes with the unfinished ones to the end."""
         batch, k, device = feats.shape[0], beam_size, feats.device
         memory = tuple(m.repeat_interleave(k, 0) for m in self.encode(feats))
         state = self.init_state(memory)
@@ -253,12 +241,8 @@ class Captioner(nn.Module):
         best = scores.argmax(1) + torch.arange(batch, device=device) * k
         return captions[best], scores.max(1).values
 
-    def generate(self, feats, beam_size, max_len):
-        return self.greedy(feats, max_len) if beam_size == 1 else self.beam_search(feats, beam_size, max_len)
-
 class ShowTell(Captioner):
-    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the image's fc feature (here the mean of its regions),
-    projected, is the LSTM's first input; <bos> and the words follow."""
+    """NeuralTalk2 / Show and Tell (Vinyals et al. 2015): the projected fc feature (its regions' mean) goes first."""
     kind = "showtell"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -286,9 +270,8 @@ class ShowTell(Captioner):
         return F.log_softmax(self.classifier(self.dropout(out[:, 1:])), -1)
 
 class AdaptiveAttention(Captioner):
-    """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; a visual sentinel
-    s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(c_t); attention over the k regions and the sentinel;
-    p_t = softmax(W_p tanh(c_hat_t + h_t))."""
+    """Knowing when to look (Lu et al. 2017): LSTM input [w_t; v^g]; attention over the k regions and a visual sentinel
+    s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(c_t); p_t = softmax(W_p tanh(c_hat_t + h_t))."""
     kind = "adaatt"
 
     def __init__(self, vocab_size, feat_dim, rnn_size=512, emb_size=512, dropout=0.5):
@@ -336,8 +319,7 @@ class AdaptiveAttention(Captioner):
         return torch.stack(steps, 1)
 
 def standardize_features(model, features, n=2000):
-    """Per-dimension mean and std of region features over (up to n) training images, frozen into the model (a frozen
-    BatchNorm, as self-critical.pytorch's --use_bn): without it the toy world's captioners ignore the image."""
+    """A frozen BatchNorm of region features (self-critical.pytorch's --use_bn): else small nets ignore the image."""
     sample = torch.from_numpy(np.array(features[:n], dtype=np.float32)).flatten(0, 1)
     sample = sample[torch.isfinite(sample).all(1)]  # a NaN image is reported by the training loop, not spread
     model.feat_mean.copy_(sample.mean(0))
@@ -346,12 +328,10 @@ def standardize_features(model, features, n=2000):
 
 CAPTIONERS = {"showtell": ShowTell, "adaatt": AdaptiveAttention}
 
-
 # --- Maximum likelihood (Eq. 1) --------------------------------------------------------------------
 def mle_loss(log_probs, captions):
     """-Eq. 1 per word: the negative log-likelihood of the ground-truth words, averaged over words."""
     return -log_probs.sum() / caption_mask(captions).sum()
-
 
 # --- Contrastive learning (Sec. 4.2) ---------------------------------------------------------------
 def log_ratio(log_p_target, log_p_ref):
@@ -369,16 +349,14 @@ def cl_loss(logp_target_pos, logp_ref_pos, logp_target_neg, logp_ref_neg, nu=1.0
     return -J
 
 def sample_negatives(image_ids, n_images, K, rng):
-    """K rounds of mismatched images (K, B): for image I_t, one whose captions form c_/t in C_/I_t
-    (Sec. 4.2). Offsets 1..N-1 make it uniform over the *other* images of the split, never I_t."""
+    """K rounds (K, B) of images whose captions are c_/t for I_t (Sec. 4.2): uniform over the *other* images."""
     if n_images < 2:
         raise DataError("contrastive learning needs at least two training images")
     offsets = rng.integers(1, n_images, size=(K, len(image_ids)))
     return (np.asarray(image_ids)[None, :] + offsets) % n_images
 
 def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
-    """log p_m and log p_n of the positives (B,) and of the K*B negatives (K, B) in one batched forward
-    per model; each image is encoded once and shared by its (1 + K) * 5 captions."""
+    """log p_m and log p_n of the positives (B,) and negatives (K, B): one forward a model, each image encoded once."""
     K, n_pos = neg_captions.shape[0], pos_captions.shape[0]
     captions = torch.cat([pos_captions, neg_captions.reshape(K * n_pos, -1)])
     image_index = own_images(feats.shape[0], feats.device).repeat(1 + K)
@@ -387,7 +365,6 @@ def contrastive_log_probs(target, reference, feats, pos_captions, neg_captions):
         logp_ref = reference(feats, captions, image_index)
     return (logp_target[:n_pos], logp_ref[:n_pos], logp_target[n_pos:].reshape(K, n_pos),
             logp_ref[n_pos:].reshape(K, n_pos))
-
 
 # --- Evaluation: caption metrics (Sec. 5) and self-retrieval (Sec. 4.1) ----------------------------
 def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
@@ -404,8 +381,7 @@ def self_retrieval_recall(logp, ks=(1, 5, 50, 500)):
 
 @torch.no_grad()
 def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forward=4096):
-    """The (N, N) matrix log p(c_t | I_j) on the host, images encoded once, at most pairs_per_forward (caption, image)
-    pairs a forward (captions against all N images, or one against a block of them): memory stays fixed as N grows."""
+    """The (N, N) log p(c_t | I_j) on the host, pairs_per_forward (caption, image) pairs a forward: fixed memory."""
     model.eval()
     parts = [model.encode(image_batch(features, ids[i:i + 500], device)) for i in range(0, len(ids), 500)]
     memory, n = tuple(torch.cat(p) for p in zip(*parts)), len(ids)
@@ -425,17 +401,17 @@ def retrieval_log_probs(model, features, ids, captions, device, pairs_per_forwar
 @torch.no_grad()
 def generate_captions(model, features, ids, args, device, beam_size=1, batch=500):
     model.eval()
-    return torch.cat([model.generate(image_batch(features, ids[i:i + batch], device), beam_size, args.max_words + 1)[0].cpu()
+    decode = model.greedy if beam_size == 1 else functools.partial(model.beam_search, beam_size=beam_size)
+    return torch.cat([decode(image_batch(features, ids[i:i + batch], device), max_len=args.max_words + 1)[0].cpu()
                       for i in range(0, len(ids), batch)])
 
 def evaluate(model, features, captions, vocab, args, device, image_ids, results_file=None):
-    """Caption metrics (Sec. 5) of the model's captions for every image, self-retrieval recall on the first
-    --retrieval-images; with results_file, scored from the captions written there in the COCO results format."""
+    """Caption metrics (Sec. 5), self-retrieval on the first --retrieval-images; results_file: scored from that file."""
     ids = np.arange(len(features))
     generated = generate_captions(model, features, ids, args, device, args.beam_size)
     candidates = [vocab.decode(c) for c in generated.tolist()]
     references = [captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)] for i in ids]
-    results = coco_results(candidates, image_ids)
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(image_ids, candidates)]  # as the COCO test server
     if results_file is not None:
         write_atomically(results_file, lambda f: f.write(json.dumps(results).encode()), 0, "free some space there")
         results = str(results_file)
@@ -455,11 +431,9 @@ def validate(model, dev, vocab, args, device):
     references = {i: [" ".join(tokenize(c)) for c in captions[CAPS_PER_IMAGE * i:CAPS_PER_IMAGE * (i + 1)]] for i in ids}
     return float(Cider().compute_score(references, {i: [vocab.decode(c)] for i, c in enumerate(generated.tolist())})[0])
 
-
 # --- Training: MLE (Eq. 1) or CL (Eq. 10) -------------------------------------------------------------
 def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
-    """MLE (reference None) or CL; returns the path of the best checkpoint by dev CIDEr. Under torchrun each rank
-    trains on its share of every global batch (`keep`: the images trained on); rank 0 alone validates and saves."""
+    """MLE (reference None) or CL on the `keep` images; the best checkpoint's path. Rank 0 alone validates and saves."""
     rank, world_size, device = setup_ddp()
     (features, captions), model = train_data, target  # the loss calls the target, or its DDP wrapper
     if world_size > 1:
@@ -499,7 +473,6 @@ def train(args, target, reference, train_data, dev, vocab, out_dir, keep):
             save_last(run, epoch + 1)
             stop_on_signal(run, epoch + 1)
     return finish(run)
-
 
 # --- Main ---------------------------------------------------------------------------------------------
 def captioners(args, vocab, train_features, device):
@@ -585,9 +558,12 @@ def main(argv=None):
         release()
     return test_report(args, best_path, test, vocab, device) if rank == 0 else None
 
-
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, lock, signals, checks, scoring wrappers) -------
 RENDEZVOUS_S = 300  # how long the processes of one launch wait for each other at the start
+SAVING = []  # the file being written now: a signal meanwhile is told to wait
+# Flags a resumed run may change: where it writes, how long it runs, how fast, and what only the test table reads
+RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps", "eval", "data_root", "beam_size",
+             "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
 
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets, checked first; a plain run is rank 0 of 1."""
@@ -623,8 +599,7 @@ def mixed_precision(device, on_cpu=False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or on_cpu)
 
 def epoch_order(n_images, seed, epoch, world_size=1):
-    """An epoch's shuffled images, from (seed, epoch) alone: the same on every rank, replayed by --resume. Under DDP
-    it wraps around to a multiple of the world size (as DistributedSampler pads): every rank has a last batch."""
+    """Shuffled from (seed, epoch) alone: alike on every rank, replayed by --resume; padded as DistributedSampler."""
     order = np.random.default_rng([seed, epoch]).permutation(n_images)
     return np.concatenate([order, order[: -n_images % world_size]])
 
@@ -678,12 +653,9 @@ def after_step(run, loss, n_images, epoch):
     stop_on_signal(run, epoch)
     return stop
 
-SAVING = []  # the file being written now
-
 @contextlib.contextmanager
 def signals_deferred(run):
-    """While training, SIGINT, SIGTERM and SIGHUP are only recorded: the loop acts on the first after a step or an
-    epoch's end (validation, best.pt, last.pt: one unit), where last.pt can be consistent. A save is never cut."""
+    """Signals only recorded while training: the loop acts after a step or an epoch's end, where last.pt is whole."""
     def record(signum, frame):
         run.signals.append(signum)
         if SAVING:
@@ -732,8 +704,7 @@ def finish(run):
     return run.best if run.best_score > -math.inf else run.last  # never a stale best.pt of an earlier run
 
 def check_finite_loss(run):
-    """The losses since the last look, read where the loop waits for the device anyway (returns the latest): a NaN or
-    inf stops every rank with one line, before anything is saved from it."""
+    """The losses since the last look (returns the latest): a NaN or inf stops every rank before anything is saved."""
     values = torch.stack([loss for _, loss in run.pending]).float().cpu().tolist() if run.pending else []
     bad = [(step, value) for (step, _), value in zip(run.pending, values) if not math.isfinite(value)][:1]
     run.pending.clear()
@@ -745,10 +716,6 @@ def check_finite_loss(run):
         raise DataError(f"the loss became non-finite at step {bad[0][0]} ({run.loss_name} {bad[0][1]:.4g}); stopped, "
                         f"{run.kept}; try a lower --lr, or check the data")
     return values[-1] if values else math.nan
-
-# Flags a resumed run may change: where it writes, how long it runs, how fast, and what only the test table reads
-RESUMABLE = {"out_dir", "resume", "save_every", "threads", "epochs", "max_steps", "eval", "data_root", "beam_size",
-             "retrieval_images", "pairs_per_forward", "examples", "ref", "init"}
 
 def fingerprint(args, vocab, data, world_size):
     """What decides a run's meaning, flat, stored in last.pt: --resume must meet the same."""
@@ -773,8 +740,7 @@ def rng_states(run):
     return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
 
 def save_last(run, epoch):
-    """last.pt after a look at the losses since the last one (never what a NaN made), with every rank's torch RNG
-    states (CPU, CUDA) in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    """last.pt, never of NaN weights, with every rank's RNG states: a resumed run draws the same dropout masks."""
     check_finite_loss(run)
     ckpt, state = checkpoint(run, epoch), rng_states(run)
     ckpt["rng"] = [state] * run.world_size
@@ -792,8 +758,7 @@ def save_checkpoint(ckpt, path):
     write_atomically(path, lambda f: torch.save(ckpt, f), nbytes(ckpt), "free some space or pass another --out-dir")
 
 def write_atomically(path, write, size, advice):
-    """A temporary file, flushed to the disk, renamed over `path`: a kill at any moment (even kill -9) or a full disk
-    leaves the old file or the new one, never a broken or empty one."""
+    """Via a flushed temporary file renamed over `path`: a kill -9 or a full disk leaves the old file or the new one."""
     path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.tmp")
     SAVING.append(path)
     try:
@@ -822,27 +787,21 @@ def refuse_to_overwrite_inputs(args, out_dir):
             raise DataError(f"--out-dir {out_dir} holds the --{flag} checkpoint {getattr(args, flag)}, which this run "
                             f"would overwrite; pass another --out-dir")
 
-def process_start(pid):
-    """A process's start time (/proc/<pid>/stat field 22): a pid reused by another process has another."""
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return "?"
-
 def lock(out_dir):
-    """One run per --out-dir (returns what releases it): .lock holds "host pid start", written whole and linked into
-    place (which fails if one exists): proof that the folder is writable now, not at the first checkpoint an hour later.
-    A stale lock (empty, unreadable, malformed, or of this host with its process gone or another under its pid) goes."""
+    """One run per --out-dir (returns its release); taken at once: the folder proves writable now, not an hour later."""
+    def process_start(pid):  # /proc/<pid>/stat field 22: a pid reused by another process has another start time
+        with contextlib.suppress(OSError, IndexError):
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return "?"
     path, host = Path(out_dir) / ".lock", socket.gethostname()
     tmp = path.with_name(f".lock.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(f"{host} {os.getpid()} {process_start(os.getpid())}")
         while True:
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
                 return lambda: path.unlink(missing_ok=True)
-            except FileExistsError:
-                pass
             with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):  # unreadable or malformed: stale
                 other_host, pid, start = path.read_text().split()
                 pid, started = int(pid), time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
@@ -858,8 +817,7 @@ def lock(out_dir):
             tmp.unlink()
 
 def load_checkpoint(path, what=None):
-    """A checkpoint read safely (weights_only=True never runs code from a file); with `what`, one holding a captioner
-    record of this script and a vocabulary, or it is not `what`."""
+    """A checkpoint read safely (weights_only: never runs a file's code); with `what`, one of this script's models."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -880,9 +838,8 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
     if record["kwargs"].get("feat_dim") != feat_dim:
         raise DataError(f"{path} expects {record['kwargs']['feat_dim']}-dimensional region features, but the "
                         f"{dataset} data has {feat_dim}; use a checkpoint trained on this dataset")
-    saved_vocab = Vocab(ckpt["vocab"])
-    if saved_vocab != vocab:
-        raise DataError(f"{path} was trained with another vocabulary ({len(saved_vocab)} words) than the {dataset} "
+    if Vocab(ckpt["vocab"]) != vocab:
+        raise DataError(f"{path} was trained with another vocabulary ({len(ckpt['vocab'])} words) than the {dataset} "
                         f"train split gives ({len(vocab)} words); use a checkpoint trained on this dataset")
     try:
         model = CAPTIONERS[record["kind"]](**record["kwargs"])
@@ -908,13 +865,6 @@ def layout_difference(saved, expected, where):
     if describe(saved) != describe(expected):
         return f"{where} is {describe(saved)}, not {describe(expected)}"
 
-def expected_last_pt(run, ckpt):
-    """What this run's last.pt holds, as a layout: the checkpoint it writes, Adam's state for every parameter."""
-    expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}
-    expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
-                                      for i, p in enumerate(run.target.parameters())}
-    return expected
-
 def resume(run):
     """Go on from last.pt of --out-dir as if never stopped, if it is this run's (its fingerprint) and whole."""
     ckpt = load_checkpoint(run.last, "a last.pt written by cl_captioning.py; pass another --out-dir")
@@ -926,7 +876,10 @@ def resume(run):
     if changed:  # the values are flags, digests and shapes: short
         raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
                         f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
-    damage = layout_difference(ckpt, expected_last_pt(run, ckpt), "last.pt")
+    expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}  # its layout
+    expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
+                                      for i, p in enumerate(run.target.parameters())}  # Adam's, of every parameter
+    damage = layout_difference(ckpt, expected, "last.pt")
     if damage:
         raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
     run.target.load_state_dict(ckpt["model"]["state"])
@@ -958,10 +911,6 @@ def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
 
-def coco_results(candidates, image_ids):
-    """The COCO caption results format, as the online test server takes it: one caption per image."""
-    return [{"image_id": int(i), "caption": caption} for i, caption in zip(image_ids, candidates)]
-
 def coco_ground_truth(references, image_ids):
     """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
     from pycocotools.coco import COCO
@@ -975,8 +924,7 @@ def coco_ground_truth(references, image_ids):
     return coco
 
 def caption_metrics(coco, results):
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of results (a COCO results list or file) against coco: COCOEvalCap.evaluate
-    without SPICE (it downloads models at run time), PTB-tokenised as there; without Java, [a-z]+ tokens, no METEOR."""
+    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -985,13 +933,11 @@ def caption_metrics(coco, results):
         coco_res = coco.loadRes(results)
     gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
     if ptb_available():
-        tokenizer = PTBTokenizer()
-        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        gts, res = (PTBTokenizer().tokenize(d) for d in (gts, res))
     else:
         warn_no_java()
         gts, res = ({i: [" ".join(tokenize(a["caption"])) for a in anns] for i, anns in d.items()} for d in (gts, res))
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
+    scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
     if ptb_available():
         scores["METEOR"] = meteor(gts, res)
     scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
@@ -1024,12 +970,10 @@ def meteor(gts, res):
 
 def print_table(columns, title):
     """Metrics side by side: columns = {name: {metric: value}}; caption metrics x100 as in papers."""
-    names = list(columns)
-    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in names))
+    print(f"\n{title}\n{'metric':<10}" + "".join(f"{name:>18}" for name in columns))
     for metric in next(iter(columns.values())):
         scale = 1 if metric.startswith("R@") else 100
-        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in names))
-
+        print(f"{metric:<10}" + "".join(f"{scale * columns[name][metric]:>18.1f}" for name in columns))
 
 if __name__ == "__main__":
     try:

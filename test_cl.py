@@ -344,7 +344,7 @@ def test_log_prob_is_sum_of_word_log_probs_including_eos(kind):
     model, feats = tiny_model(kind), tiny_feats(3)
     captions = torch.tensor([[5, 6, 7, EOS, PAD, PAD], [8, EOS, PAD, PAD, PAD, PAD], [4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        got = model.log_prob(feats, captions)
+        got = model(feats, captions)
     for i in range(3):
         expected = step_by_step_log_prob(model, feats[i], captions[i].tolist())
         assert got[i].item() == pytest.approx(expected, abs=1e-4)
@@ -362,7 +362,7 @@ def test_log_prob_equals_the_log_prob_accumulated_by_greedy_decoding(kind):
         model, feats = tiny_model(kind, seed, eos_bias), tiny_feats(6, seed)
         with torch.no_grad():
             captions, accumulated = model.greedy(feats, max_len=8)
-            assert torch.allclose(model.log_prob(feats, captions), accumulated, atol=1e-4)
+            assert torch.allclose(model(feats, captions), accumulated, atol=1e-4)
         lengths |= set(cl.caption_mask(captions).sum(1).tolist())
     assert len(lengths) >= 3 and 8 in lengths  # the sweep has finished captions of several lengths and unfinished ones
 
@@ -373,8 +373,8 @@ def test_padding_after_eos_changes_nothing(kind):
     captions = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
     garbage = torch.tensor([[5, 6, EOS, 9, 4, 11, 3], [7, EOS, 8, 8, 8, 8, 8]])
     with torch.no_grad():
-        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, garbage), atol=1e-6)
-        assert torch.allclose(model.log_prob(feats, captions), model.log_prob(feats, captions[:, :3]), atol=1e-6)
+        assert torch.allclose(model(feats, captions), model(feats, garbage), atol=1e-6)
+        assert torch.allclose(model(feats, captions), model(feats, captions[:, :3]), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["showtell", "adaatt"])
@@ -398,7 +398,7 @@ def test_larger_beam_never_scores_below_greedy(kind):
             for k in (2, 4):
                 captions, scores = model.beam_search(feats, beam_size=k, max_len=8)
                 assert (scores >= greedy_scores - 1e-5).all()
-                assert torch.allclose(model.log_prob(feats, captions), scores, atol=1e-4)
+                assert torch.allclose(model(feats, captions), scores, atol=1e-4)
                 assert not ((captions == PAD) | (captions == BOS))[:, 0].any()
                 better += int((scores > greedy_scores + 1e-3).sum())
     assert better > 0  # the beam does find better captions somewhere in the sweep
@@ -502,7 +502,8 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
                     "annotations": [{"id": 10 * i + k, "image_id": i, "caption": c}
                                     for i, refs in zip(image_ids, references) for k, c in enumerate(refs)]}
     coco.createIndex()
-    coco_res = coco.loadRes([{"image_id": i, "caption": c} for i, c in zip(image_ids, candidates)])
+    results = [{"image_id": i, "caption": c} for i, c in zip(image_ids, candidates)]  # the COCO results format
+    coco_res = coco.loadRes(results)
 
     class NoSpice:  # SPICE downloads Stanford models at run time: COCOEvalCap's other scorers run unchanged
         def compute_score(self, gts, res):
@@ -515,14 +516,14 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
     monkeypatch.setattr(pycocoevalcap.eval, "Meteor", cl.meteor_scorer)  # the same jar: one java start (~10 s), not two
     official = pycocoevalcap.eval.COCOEvalCap(coco, coco_res)
     official.evaluate()
-    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
     names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4", "METEOR": "METEOR",
              "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
     assert set(got) == set(names)
     for ours, theirs in names.items():
         assert got[ours] == pytest.approx(official.eval[theirs], abs=1e-9, rel=0), ours
     monkeypatch.setattr(cl, "ptb_available", lambda: False)  # the [a-z]+ fallback is not the official score
-    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), cl.coco_results(candidates, image_ids))
+    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
     assert abs(az["CIDEr"] - official.eval["CIDEr"]) > 1e-3
 
 
@@ -550,7 +551,8 @@ def test_caption_metrics_without_java_use_az_tokens_and_say_so(monkeypatch, caps
     references = [["A dog on the grass.", "a puppy in a field"], ["A red bus on the street", "a bus on a road"],
                   ["A man in blue near a kite", "a guy with a kite on the beach"]]
     candidates = ["a dog on the grass", "a bus, on the road", "a man on the beach"]
-    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), cl.coco_results(candidates, [7, 3, 5]))
+    results = [{"image_id": i, "caption": c} for i, c in zip([7, 3, 5], candidates)]
+    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), results)
     assert "java not found" in capsys.readouterr().err and "METEOR" not in got
     gts = {7: ["a dog on the grass", "a puppy in a field"], 3: ["a red bus on the street", "a bus on a road"],
            5: ["a man in blue near a kite", "a guy with a kite on the beach"]}
