@@ -824,7 +824,7 @@ def load_checkpoint(path, what=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
-                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+                        f"by an earlier release cannot be read: retrain")
     record = ckpt.get("model") if isinstance(ckpt, dict) else None
     if what and not (isinstance(record, dict) and record.get("kind") in CAPTIONERS and isinstance(ckpt.get("vocab"), list)
                      and all(isinstance(record.get(k), dict) for k in ("kwargs", "state"))):

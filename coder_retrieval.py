@@ -1092,7 +1092,7 @@ def load_checkpoint(path, expect=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: torch raises many types
         raise DataError(f"{path} is not a checkpoint this script can read safely ({type(e).__name__}); one written "
-                        f"by an earlier release is converted once as the README's 'Old checkpoints' shows")
+                        f"by an earlier release cannot be read: retrain")
     if expect and (not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), t) for k, t in EXPECTED.items()) or
                    not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
                    not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
