@@ -160,7 +160,6 @@ def parse_args(argv=None):
                         f"pairs (--batch-size x processes); a memory bank must hold at least one batch (or pass --no-bank)")
     return args
 
-
 # --- Data (Sec. 4.1) -------------------------------------------------------------------------------------------
 def load_retrieval_split(root, split, tokenizer, max_len, max_images=None):
     """Region features, the captions as (n, max_len) int32 word-piece ids, and the captions themselves."""
@@ -175,7 +174,6 @@ def text_batch(tokens, idx, pad_id, device):
     mask = ids != pad_id
     keep = int(mask.sum(1).max())
     return ids[:, :keep].to(device), mask[:, :keep].to(device)
-
 
 # --- Instance-level encoders (Sec. 3.2, Eq. 1) ---------------------------------------------------------------
 def l2norm(x, dim=-1):
@@ -220,7 +218,6 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids, mask, lower=None):
         return self.fc(self.hidden(ids, mask, lower))
-
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ---------------------------------------
 STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there these those his
@@ -309,7 +306,6 @@ class ConceptBranch(nn.Module):
     def text_scores(self, e, mask, Y):
         return concept_scores(self.norm_w(aggregate(self.query_w(e), mask)), self.W_w, Y, self.lam, self.scaled)
 
-
 # --- Coupled memory banks (Sec. 3.2; MoCo) -------------------------------------------------------------------
 @torch.no_grad()
 def momentum_update(online, momentum_copy, m):
@@ -335,7 +331,6 @@ class MemoryBank(nn.Module):
         self.feats[slots] = keys.to(self.feats.dtype)
         self.ids[slots] = image_ids
         self.ptr.copy_((self.ptr + len(keys)) % size)  # on the device: no wait for the GPU
-
 
 # --- The model (Fig. 2) --------------------------------------------------------------------------------------
 class CODER(nn.Module):
@@ -380,7 +375,6 @@ class CODER(nn.Module):
         Y = self.concepts.basis() if Y is None else Y
         a = self.concepts.text_scores(e, mask, Y)
         return w_I, a if attention else concept_embedding(a, Y)
-
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) ------------------------------------------------
 def bank_negatives(anchor_ids, key_ids):
@@ -436,7 +430,6 @@ def contrastive(sim, args, div=None, negatives=None):
         return triplet_loss(sim, args.margin, negatives)
     return dcl_loss(sim, args.mu, args.gamma, div if args.loss == "dcl" else None, negatives, args.dcl_positive)
 
-
 # --- Prototype-guided classification (Sec. 3.4, Eq. 7) -------------------------------------------------------
 @torch.no_grad()
 def kmeans(x, k, iters=10, seed=0, init=None, chunk=8192):
@@ -490,7 +483,6 @@ class OnlineClustering:
         if dist.is_initialized():
             dist.broadcast(self.labels, src=0)
 
-
 # --- The training objective (Sec. 3.5, Eq. 6 and 8) ----------------------------------------------------------
 def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=None):
     """Eq. 8: L = lambda L^I_DCL + L^I_M-DCL + L^C_DCL + L_PGC, each DCL term over both directions; returns L and its
@@ -522,7 +514,6 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
         if prototypes is not None:
             terms["PGC"] = pgc_loss(prototypes, v_C.float(), w_C.float(), z)
     return sum(terms.values()), terms
-
 
 # --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) ------------------------------------------------------------
 @torch.no_grad()
@@ -589,7 +580,6 @@ def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=
 def test_splits(dataset):
     """(table name, split, folds): COCO reports 5-fold 1K and 5K on testall (never 1K on test alone)."""
     return [("COCO 1K", "testall", 5), ("COCO 5K", "testall", 1)] if dataset == "coco" else [("test", "test", 1)]
-
 
 # --- Training (Sec. 4.2): the model, its optimizer, one step, the loop ---------------------------------------
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
@@ -684,7 +674,6 @@ def train(args, root):
             end_of_epoch(run, epoch)  # dev rsum, best.pt, last.pt, then a signal (appendix)
     return model, pgc.labels, run.best
 
-
 # --- Main ----------------------------------------------------------------------------------------------------
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
@@ -724,7 +713,6 @@ def main(argv=None):
         return None
     print(f"wall time {time.perf_counter() - start:.0f}s")
     return evaluate_checkpoint(best, args, device, root)
-
 
 # --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
 RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other
