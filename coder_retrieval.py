@@ -20,9 +20,9 @@ Fig. 3: --batch-size 32 or 128, with and without --no-mdcl.
 
 Paper to code: Eq. 1 ImageEncoder, TextEncoder; Eq. 2 ConceptBranch; Sec. 3.2's banks MemoryBank; Eq. 3 diversity;
 Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; one training step
-train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, CVSE files).
+train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, file readers).
 """
-import argparse, contextlib, copy, hashlib, inspect, json, math, os, pickle, signal, socket, sys, time
+import argparse, contextlib, copy, hashlib, inspect, json, math, os, signal, socket, sys, time
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: in training, after saving last.pt
 if __name__ == "__main__":  # from the first moment (`import torch` takes seconds) a signal ends the run in one line
     for s in SIGNALS:
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (CAPS_PER_IMAGE, DataError, context_object_captions, finite_images, image_batch, load_split,
+from common import (CAPS_PER_IMAGE, DataError, finite_images, image_batch, load_split,
                     prepare_data, tokenize, toy_ceiling)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,7 +87,6 @@ def build_parser():
         "local folder of a transformers model")
     add("--glove", default=None, metavar="TXT", help="GloVe text file (glove.6B.300d.txt, the paper's): X of the concepts "
         "picked from the training captions (default: the text encoder's word-piece embeddings)")
-    add("--concept-file", default=None, help="CVSE's concepts, an .npz of convert_cvse_concepts (default: training words)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
     add("--out-dir", default="runs/coder", help="where best.pt and last.pt go")
     add("--resume", action="store_true", help="continue the run saved in --out-dir/last.pt")
@@ -145,8 +144,6 @@ def parse_args(argv=None):
     if args.lr_update is None:  # the paper: 2e-4 for 15 epochs, then 2e-5; the toy world: no drop
         args.lr_update = args.epochs if args.dataset == "toy" else max(1, args.epochs // 2)
     args.mdcl, args.div_bank, args.pgc = args.mdcl and args.bank, args.div_bank and args.bank, args.pgc and args.concepts
-    if args.glove and args.concept_file:
-        raise DataError("--glove and --concept-file both give the concepts' vectors; pass one")
     if args.beta is None and not args.eval:
         args.beta = 0.9
     for name, (low, high) in BOUNDS.items():
@@ -254,7 +251,7 @@ def concept_adjacency(counts, nums, threshold=0.3, reweight=0.25):
     return (D @ A.T @ D).astype(np.float32)
 
 def concept_inputs(concepts, tokenizer, word_embeddings):
-    """X: the mean input embedding of each concept word's pieces (CVSE's GloVe vectors: --concept-file)."""
+    """X: the mean input embedding of each concept word's pieces (the paper's GloVe vectors: --glove)."""
     rows = [word_embeddings[tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0) for word in concepts]
     return torch.stack(rows).detach().float()
 
@@ -564,9 +561,9 @@ def fold_recall(S, folds=1):
                 for f in range(folds)]
     return {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
 
-def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=256, groups=None):
+def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=256):
     """Metrics of `folds` consecutive equal slices (COCO 1K: 5 folds of testall, averaged) plus the
-    encoding time and the similarity throughput in image-caption pairs per second (Fig. 4); t2i recall per `groups`."""
+    encoding time and the similarity throughput in image-caption pairs per second (Fig. 4)."""
     emb, encode_seconds = encode_split(model, features, tokens, pad_id, device, batch_size)
     start = time.perf_counter()
     S = similarity(emb, beta)
@@ -574,8 +571,7 @@ def evaluate(model, features, tokens, pad_id, device, beta, folds=1, batch_size=
         torch.cuda.synchronize()
     sim_seconds, pairs = time.perf_counter() - start, len(features) * CAPS_PER_IMAGE * len(features)
     return dict(fold_recall(S, folds), images=len(features), encode_s=encode_seconds,
-                sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds),
-                by_group=t2i_recall_by_group(S, groups) if groups is not None and len(groups) == S.shape[1] else None)
+                sim_pairs_per_s=pairs / max(sim_seconds, 1e-9), pairs_per_s=pairs / (encode_seconds + sim_seconds))
 
 def test_splits(dataset):
     """(table name, split, folds): COCO reports 5-fold 1K and 5K on testall (never 1K on test alone)."""
@@ -583,12 +579,10 @@ def test_splits(dataset):
 
 # --- Training (Sec. 4.2): the model, its optimizer, one step, the loop ---------------------------------------
 def build_model(args, feat_dim, text_model, tokenizer, train_captions):
-    """CODER with the pretrained text model, the concepts (picked from the training captions, or CVSE's
-    with --concept-file), their vectors X and graph A_hat; returns it, its constructor arguments, the words."""
+    """CODER with the pretrained text model, the g concepts picked from the training captions, their vectors X
+    (GloVe with --glove) and graph A_hat; returns it, its constructor arguments, the words."""
     concepts, X = [], None
-    if args.concepts and args.concept_file:  # CVSE's concepts, GloVe vectors and co-occurrence counts
-        concepts, X, counts, nums = load_concept_file(args.concept_file)
-    elif args.concepts and args.glove:  # the paper: the g words' GloVe vectors
+    if args.concepts and args.glove:  # the paper: the g words' GloVe vectors
         glove = read_glove(args.glove, set(concept_vocabulary(train_captions, None)))
         concepts = concept_vocabulary(train_captions, args.n_concepts, glove)
         X = torch.from_numpy(np.stack([glove[w] for w in concepts]))
@@ -686,10 +680,10 @@ def evaluate_checkpoint(path, args, device, root):
         model = model_from_checkpoint(ckpt, features, split).to(device)
         finite_images(features, split)
         rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
-                                    args.eval_batch_size, context_object_captions(root, split))))
+                                    args.eval_batch_size)))
     print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
           (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
-    print_table(rows, toy_ceiling(root, "test"), context_object_captions(root, "test"))
+    print_table(rows, toy_ceiling(root, "test"))
     return rows
 
 def main(argv=None):
@@ -714,7 +708,7 @@ def main(argv=None):
     print(f"wall time {time.perf_counter() - start:.0f}s")
     return evaluate_checkpoint(best, args, device, root)
 
-# --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, CVSE files) ----
+# --- Appendix: plumbing, not the paper (torchrun, checkpoints, resume, lock, checks, logging, file readers) --
 RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other
 
 def setup_ddp():
@@ -892,8 +886,6 @@ def end_of_epoch(run, epoch):
         rate = f"; {run.seen / run.seconds:.0f} training pairs/s" if run.seconds else ""  # none: resumed at the end
         print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
               f"{val['t2i_r1']:.1f}){'  best' if improved else ''}{rate}")
-        if run.model.concepts is not None:
-            print("  " + concept_usage(run.model, *run.dev, run.device, run.args.eval_batch_size)[1])
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
@@ -989,15 +981,14 @@ def leaves(obj):
 # A run's meaning is every flag but these, which may change on --resume (data, text encoder and concept file are
 # fingerprinted by their content, not their paths)
 EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "epochs", "lr_update", "eval", "data_root",
-            "text_encoder", "concept_file"}
+            "text_encoder"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
     """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, concept file, world size."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
     run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
-    run.update(train_ims_shape=list(train_shape), dev_ims_shape=list(dev_shape), world_size=world_size,
-               concept_file=digest(Path(args.concept_file).read_bytes()) if args.concept_file else None)
+    run.update(train_ims_shape=list(train_shape), dev_ims_shape=list(dev_shape), world_size=world_size)
     return dict(run, **text_fingerprint(text_config.to_dict(), tokenizer))
 
 def text_fingerprint(config, tokenizer=None):
@@ -1203,10 +1194,8 @@ def departures(args):
     found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
              ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
               "(--text-encoder bert-base-uncased)"),
-             (args.concepts and not args.glove and not args.concept_file, "concept vectors X: the text encoder's word-piece "
+             (args.concepts and not args.glove, "concept vectors X: the text encoder's word-piece "
               "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
-             (args.concepts and args.concept_file, "concepts: CVSE's words and graph; the paper's are g words of the "
-              "training captions (--glove, no --concept-file)"),
              (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
               "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
              (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
@@ -1235,7 +1224,7 @@ def bounds_error(value, low, high):
         return f"be at most {high}, got {value:g}"
     return f"be {'positive' if low == '> 0' else 'at least 0'} and finite, got {value}"
 
-def print_table(rows, ceiling=None, groups=None):
+def print_table(rows, ceiling=None):
     print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
           f"{'rsum':>8}{'enc s':>7}{'sim pairs/s':>13}{'e2e pairs/s':>13}")
     for name, m in rows:
@@ -1246,56 +1235,6 @@ def print_table(rows, ceiling=None, groups=None):
     if ceiling:
         print(f"ceiling of this toy split (ranking by caption content, ties at random): rsum "
               f"{sum(ceiling['i2t'] + ceiling['t2i']):.1f}, i2t R@1 {ceiling['i2t'][0]:.1f}, t2i R@1/5/10 {show(ceiling['t2i'])}")
-    if ceiling and rows[0][1]["by_group"]:  # the toy world: where the concept branch should help (Sec. 3.2)
-        print("t2i R@1/5/10 (ceiling) by what a caption names beside its main object: " + "; ".join(
-            f"{what} ({(groups == g).sum()} captions) {show(rows[0][1]['by_group'][g])} "
-            f"({show(ceiling['t2i_each'][groups == g].mean(0))})" for g, what in
-            ((2, "a weak object"), (1, "strong objects only"), (0, "nothing")) if (groups == g).any()))
-
-def t2i_recall_by_group(S, groups, ks=(1, 5, 10)):
-    """t2i R@K (%) of each group's captions (groups: a label per caption), ranked as recall_at_k ranks them."""
-    S, groups, caption = torch.as_tensor(S, dtype=torch.float32), np.asarray(groups), torch.arange(S.shape[1])
-    rank = ((~(S < S[caption // CAPS_PER_IMAGE, caption][None, :])).sum(0) - 1).numpy()  # other images scoring >=
-    return {g: [100.0 * np.mean(rank[groups == g] < k) for k in ks] for g in np.unique(groups).tolist()}
-
-@torch.no_grad()
-def concept_usage(model, features, tokens, pad_id, device, batch_size=256):
-    """Does the concept branch carry information? Distinct argmax concepts over images and over captions, mean
-    attention entropy (nats; log g is uniform, 0 one-hot), the spread of S_C; returns them and the line printed."""
-    emb, _ = encode_split(model, features, tokens, pad_id, device, batch_size, attention=True)
-    a_v, a_w, Y = emb["v_C"], emb["w_C"], model.concepts.basis()
-    S_C = concept_embedding(a_v, Y) @ concept_embedding(a_w, Y).t()
-    entropy = lambda a: float(-(a * a.clamp(min=1e-12).log()).sum(1).mean())
-    u = {"concepts": Y.shape[0], "argmax_images": int(a_v.argmax(1).unique().numel()),
-         "argmax_captions": int(a_w.argmax(1).unique().numel()), "entropy_images": entropy(a_v),
-         "entropy_captions": entropy(a_w), "S_C_mean": float(S_C.mean()), "S_C_sd": float(S_C.std()),
-         "Y_cos": float((Y @ Y.t()).mean()), "rsum_C": recall_at_k(S_C)["rsum"]}
-    return u, (f"concepts used as argmax: {u['argmax_images']}/{u['concepts']} by images, {u['argmax_captions']}/"
-               f"{u['concepts']} by captions; attention entropy {u['entropy_images']:.2f}/{u['entropy_captions']:.2f} "
-               f"nats (uniform {math.log(u['concepts']):.2f}); S_C {u['S_C_mean']:.3f} +- {u['S_C_sd']:.3f}; "
-               f"mean cos(y_i, y_j) {u['Y_cos']:.2f}; rsum of S_C alone {u['rsum_C']:.1f}")
-
-def load_concept_file(path):
-    """CVSE's concepts as an .npz: `words` (g,), `glove` (g, 300), `cooccurrence` (g, g) caption counts
-    and `counts` (g,), the ML-GCN input (convert_cvse_concepts makes one from CVSE's own files)."""
-    if not Path(path).is_file():
-        raise DataError(f"concept file {path} not found")
-    try:
-        z = np.load(path, allow_pickle=False)
-        words, X = [str(w) for w in z["words"]], z["glove"].astype(np.float32)
-        counts, nums = z["cooccurrence"].astype(np.float64), z["counts"].astype(np.float64)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError) as e:
-        raise DataError(f"{path} is not a concept .npz with words, glove, cooccurrence and counts ({e})")
-    g = len(words)
-    if g == 0 or X.ndim != 2 or X.shape[0] != g or counts.shape != (g, g) or nums.shape != (g,):
-        raise DataError(f"{path}: {g} words but glove {X.shape}, cooccurrence {counts.shape}, counts {nums.shape}")
-    for bad, what in ((X.shape[1] == 0, "0-dimensional vectors"), (not np.isfinite(X).all(), "NaN or inf vectors"),
-                      (not (np.isfinite(counts).all() and np.isfinite(nums).all()), "NaN or inf counts"),
-                      ((counts < 0).any() or (nums < 0).any(), "negative counts"), (not nums.any(), "only zero counts")):
-        if bad:
-            raise DataError(f"{path} holds {what}: the concept branch cannot learn from it; convert CVSE's files again")
-    np.fill_diagonal(counts, 0)  # as cooccurrence(): the self loops come from concept_adjacency
-    return words, torch.from_numpy(X), counts, nums
 
 def read_glove(path, words):
     """{word: vector} of `words` in a GloVe text file: a word and its numbers a line, as glove.6B.300d.txt."""
@@ -1319,36 +1258,6 @@ def read_glove(path, words):
                         f"(glove.6B.300d.txt: a word and its numbers a line)")
     return vectors
 
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickling runs whatever a file names: CVSE's pickles hold numpy arrays (in dicts) and nothing else."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {(f"numpy.{core}.multiarray", name) for core in
-                                                           ("core", "_core") for name in ("_reconstruct", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array; refusing to load it")
-        return super().find_class(module, name)
-
-def convert_cvse_concepts(category_json, glove_pkl, adj_pkl, out_npz):
-    """CVSE's published concept files (category_concepts.json {word: index}, the concepts' GloVe pickle and the ML-GCN
-    adjacency pickle {'adj_all' or 'adj': counts, 'nums': counts}) -> one .npz for --concept-file, read safely."""
-    def unpickle(path):
-        with open(path, "rb") as f:
-            try:
-                return NumpyOnlyUnpickler(f, encoding="latin1").load()
-            except (pickle.UnpicklingError, EOFError) as e:
-                raise DataError(f"{path}: {e}")
-    try:
-        index = json.loads(Path(category_json).read_text(encoding="utf-8"))
-        words = sorted(index, key=lambda w: int(index[w]))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{category_json} is not CVSE's category_concepts.json, a {{word: index}} object ({e})")
-    adj = unpickle(adj_pkl)
-    if not isinstance(adj, dict) or "nums" not in adj or not ("adj_all" in adj or "adj" in adj):
-        raise DataError(f"{adj_pkl} is not CVSE's adjacency pickle, a dict with 'adj_all' (or 'adj') and 'nums'")
-    counts = adj["adj_all"] if "adj_all" in adj else adj["adj"]
-    np.savez(out_npz, words=np.array(words), glove=np.asarray(unpickle(glove_pkl), dtype=np.float32),
-             cooccurrence=np.asarray(counts), counts=np.asarray(adj["nums"]))
 
 
 if __name__ == "__main__":

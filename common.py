@@ -413,8 +413,7 @@ def oracle_recall(scenes, captions, ks=(1, 5, 10)):
     if not consistent[np.arange(len(own)), own].all():
         raise ValueError("a caption its own scene cannot say: not a toy split made by make_toy_world")
     n_c = consistent.sum(1)
-    t2i_each = 100 * np.minimum(np.array(ks)[None, :], n_c[:, None]) / n_c[:, None]  # (captions, ks)
-    t2i = t2i_each.mean(0)
+    t2i = (100 * np.minimum(np.array(ks)[None, :], n_c[:, None]) / n_c[:, None]).mean(0)  # a caption's own of n_c
     i2t = np.zeros(len(ks))
     for i in range(len(scenes)):
         tiers = {}  # n_c -> [own, other] captions that image i's scene can say (score 1 / n_c)
@@ -429,7 +428,7 @@ def oracle_recall(scenes, captions, ks=(1, 5, 10)):
         for j, k in enumerate(ks):
             r = k - above
             i2t[j] += 0.0 if r <= 0 else 1.0 - (math.comb(b, r) / math.comb(a + b, r) if r <= b else 0.0)
-    return {"i2t": [float(v) for v in 100 * i2t / len(scenes)], "t2i": [float(v) for v in t2i], "t2i_each": t2i_each}
+    return {"i2t": [float(v) for v in 100 * i2t / len(scenes)], "t2i": [float(v) for v in t2i]}
 
 
 def toy_ceiling(root, split):
@@ -441,20 +440,4 @@ def toy_ceiling(root, split):
     try:
         return oracle_recall(json.loads(path.read_text()), load_split(root, split)[1])
     except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError, AttributeError):  # not a toy world's
-        return None
-
-
-def context_object_captions(root, split):
-    """What each caption of a toy split names besides its main object and place: 0 nothing, 1 context objects that
-    the features show strongly, 2 a weak one (one faint box, _regions). Level 2 names the scene's second object, level
-    3 its third too: objects[1:level]. Weak ones are where CODER's concepts should help (Sec. 3.2): the image shows
-    them faintly, their place and companions clearly. None for other data."""
-    path = Path(root) / f"{split}_scenes.json"
-    if not path.exists():
-        return None
-    try:
-        scenes = json.loads(path.read_text())
-        named = [s["objects"][1:level] for s in scenes for level in s["levels"]]
-        return np.array([2 if any(o["weak"] for o in objects) else int(bool(objects)) for objects in named])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import pickle
 import re
 import signal
 import socket
@@ -22,8 +21,7 @@ import torch.nn as nn
 import coder_retrieval as cr
 from conftest import Hostile, interrupt_after_first_save
 from test_cl import damaged, refused_in_one_line
-from common import (CATEGORIES, _caption, DataError, caption_content, make_toy_world, oracle_recall, sayable, tokenize,
-                    context_object_captions)
+from common import (CATEGORIES, _caption, DataError, caption_content, make_toy_world, oracle_recall, sayable, tokenize)
 from coder_retrieval import load_checkpoint, save_checkpoint
 
 
@@ -178,17 +176,6 @@ def test_recall_at_k_matches_brute_force_ranking_with_ties():
     assert got["rsum"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
 
 
-def test_t2i_recall_by_group_matches_brute_force_ranking_within_each_group():
-    S = np.random.default_rng(5).integers(0, 6, (9, 45)).astype(np.float32)  # many ties
-    groups = np.random.default_rng(6).integers(0, 3, 45)
-    _, t2i = brute_force_ranks(S)
-    got = cr.t2i_recall_by_group(S, groups)
-    assert sorted(got) == [0, 1, 2]
-    for g in range(3):
-        assert got[g] == pytest.approx([100 * np.mean(t2i[groups == g] < k) for k in (1, 5, 10)])
-    assert cr.t2i_recall_by_group(S, np.zeros(45))[0] == pytest.approx([cr.recall_at_k(S)[f"t2i_r{k}"] for k in (1, 5, 10)])
-
-
 def test_recall_uses_best_of_five_captions_and_constant_scores_get_nothing():
     n = 4
     S = np.zeros((n, 5 * n), dtype=np.float32)
@@ -287,32 +274,6 @@ def test_concept_inputs_are_the_mean_of_word_pieces():
     X = cr.concept_inputs(["frisbee", "dog"], tokenizer, E)
     pieces = [tokenizer.convert_tokens_to_ids(p) for p in ("fr", "##is", "##bee")]
     assert torch.allclose(X, torch.stack([E[pieces].mean(0), E[tokenizer.convert_tokens_to_ids("dog")]]))
-
-
-def test_cvse_concept_files_convert_safely_and_load(tmp_path):
-    import json, pickle
-    words = ["dog", "grass", "red"]
-    (tmp_path / "category_concepts.json").write_text(json.dumps({"grass": 1, "dog": 0, "red": 2}))
-    glove = np.arange(9, dtype=np.float32).reshape(3, 3)
-    counts = np.array([[4, 2, 0], [2, 5, 1], [0, 1, 3]])
-    (tmp_path / "glove.pkl").write_bytes(pickle.dumps(glove))
-    (tmp_path / "adj.pkl").write_bytes(pickle.dumps({"adj_all": counts, "nums": np.array([4, 5, 3])}))
-    cr.convert_cvse_concepts(tmp_path / "category_concepts.json", tmp_path / "glove.pkl", tmp_path / "adj.pkl",
-                             tmp_path / "cvse.npz")
-    got_words, X, got_counts, nums = cr.load_concept_file(tmp_path / "cvse.npz")
-    assert got_words == words and torch.equal(X, torch.from_numpy(glove))
-    assert got_counts.tolist() == [[0, 2, 0], [2, 0, 1], [0, 1, 0]] and nums.tolist() == [4, 5, 3]
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"adj_all": Evil(), "nums": np.zeros(3)}))
-    with pytest.raises(DataError, match="not a numpy array"):
-        cr.convert_cvse_concepts(tmp_path / "category_concepts.json", tmp_path / "glove.pkl", tmp_path / "evil.pkl",
-                                 tmp_path / "x.npz")
-    np.savez(tmp_path / "bad.npz", words=np.array(words), glove=glove[:2], cooccurrence=counts, counts=np.ones(3))
-    with pytest.raises(DataError, match="3 words but glove"):
-        cr.load_concept_file(tmp_path / "bad.npz")
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -464,21 +425,6 @@ def test_toy_captions_name_objects_whose_features_are_weak(default_toy_train):
     naming = [any(obj["weak"] and set(CATEGORIES[obj["category"]]) & set(tokenize(c)) for obj in s["objects"][1:])
               for i, s in enumerate(scenes) for c in captions[5 * i:5 * i + 5]]
     assert np.mean(naming) > 0.1  # measured: 0.14 of all captions
-
-
-def test_context_object_captions_say_which_name_a_faint_object(default_toy_train, tmp_path):
-    """Level 2 names the second object, level 3 the third too: by hand, then against the words of every caption."""
-    scenes = [{"objects": [{"weak": False}, {"weak": True}], "levels": [0, 1, 2, 3, 3]},
-              {"objects": [{"weak": False}, {"weak": False}, {"weak": True}], "levels": [3, 2, 1, 0, 3]},
-              {"objects": [{"weak": False}], "levels": [0, 1, 2, 3, 3]}]
-    (tmp_path / "test_scenes.json").write_text(json.dumps(scenes))
-    assert context_object_captions(tmp_path, "test").tolist() == [0, 0, 2, 2, 2] + [2, 1, 0, 0, 2] + [0] * 5
-    assert context_object_captions(tmp_path, "dev") is None  # not a toy world
-    captions, scenes = default_toy_train
-    (tmp_path / "train_scenes.json").write_text(json.dumps(scenes))
-    naming = [any(obj["weak"] and set(CATEGORIES[obj["category"]]) & set(tokenize(c)) for obj in s["objects"][1:])
-              for i, s in enumerate(scenes) for c in captions[5 * i:5 * i + 5]]
-    assert (context_object_captions(tmp_path, "train") == 2).tolist() == naming
 
 
 # --- Cases where a wrong fold, centroid update, activation or weight changes the answer ---
@@ -775,16 +721,19 @@ def concept_usage_after_training(tiny, *flags):
     model, _, _ = cr.train(args, tiny / "toy")
     tokenizer, _ = cr.load_text_model(args.text_encoder)
     feats, tokens, _ = cr.load_retrieval_split(tiny / "toy", "dev", tokenizer, args.max_len)
-    return cr.concept_usage(model, feats, tokens, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        emb, _ = cr.encode_split(model, feats, tokens, tokenizer.pad_token_id, torch.device("cpu"), attention=True)
+        Y = model.concepts.basis()
+        S_C = cr.concept_embedding(emb["v_C"], Y) @ cr.concept_embedding(emb["w_C"], Y).t()
+    return {"argmax_images": int(emb["v_C"].argmax(1).unique().numel()),
+            "argmax_captions": int(emb["w_C"].argmax(1).unique().numel()), "S_C_sd": float(S_C.std())}
 
 
 def test_concept_branch_does_not_collapse_under_the_default_loss_and_does_without_query_norm(tiny):
     """Under the default loss a constant S_C is a stationary point (test above). With plain queries every
     image attends the same concept from the start and the branch stays there (measured: 1/12 images, S_C sd
     0.015); standardised queries keep several concepts in use (7/12, 11/12) and S_C spread."""
-    fixed, fixed_line = concept_usage_after_training(tiny)
-    plain, plain_line = concept_usage_after_training(tiny, "--no-query-norm")
-    print(fixed_line, plain_line, sep="\n")
+    fixed, plain = concept_usage_after_training(tiny), concept_usage_after_training(tiny, "--no-query-norm")
     assert plain["argmax_images"] <= 2 and plain["S_C_sd"] < 0.05
     assert fixed["argmax_images"] >= 4 and fixed["argmax_captions"] >= 4 and fixed["S_C_sd"] > 0.15
 
@@ -868,13 +817,11 @@ def test_real_datasets_resolve_to_the_papers_configuration_and_the_toy_world_to_
     gamma = 0.3, Adam at 2e-4 for 15 epochs then 2e-5 for 15, batch 128, lambda = 3, beta = 0.9."""
     paper = dict(text_encoder="bert-base-uncased", embed_size=1024, n_concepts=400, bank_size=4096, momentum=0.995,
                  mu=0.1, gamma=0.3, lr=2e-4, lr_update=15, epochs=30, batch_size=128, lambda_inst=3.0, beta=0.9,
-                 glove=None, concept_file=None, freeze_text_layers=0)
+                 glove=None, freeze_text_layers=0)
     for dataset, k in (("flickr30k", 10000), ("coco", 20000)):
         args = vars(cr.parse_args(["--dataset", dataset]))
         assert {key: args[key] for key in paper} == paper and args["n_prototypes"] == k
     assert cr.parse_args([]).text_encoder == cr.MINILM and os.path.isdir(cr.MINILM)  # offline, in requirements.txt
-    with pytest.raises(DataError, match="pass one"):
-        cr.parse_args(["--glove", "g.txt", "--concept-file", "c.npz"])
 
 
 def test_each_departure_is_printed_and_the_papers_flags_remove_it(tiny, monkeypatch, capsys):
@@ -886,7 +833,6 @@ def test_each_departure_is_printed_and_the_papers_flags_remove_it(tiny, monkeypa
              "--text-lr-scale", "1", "--grad-clip", "0"]
     assert cr.departures(cr.parse_args(paper)) == []
     assert len(cr.departures(cr.parse_args(paper[:-2]))) == 1  # each flag removes its own line only
-    assert cr.departures(cr.parse_args(["--dataset", "coco", "--concept-file", "c.npz"]))[0].startswith("concepts: CVSE")
 
     class Stop(Exception):
         pass
@@ -925,23 +871,6 @@ def test_glove_text_file_gives_the_concepts_their_vectors_in_frequency_order(tin
         (tmp_path / "bad.txt").write_text(text.replace("a b c", f"{known[0]} 1 2").replace("not", known[1]))
         with pytest.raises(DataError, match=message.replace("line 1", "line 2")):
             cr.read_glove(tmp_path / "bad.txt", set(known))
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("glove", np.zeros((3, 0), np.float32), "0-dimensional vectors"),
-    ("glove", np.array([[1, 2], [np.nan, 0], [3, 4]], np.float32), "NaN or inf vectors"),
-    ("cooccurrence", -np.ones((3, 3)), "negative counts"),
-    ("counts", np.zeros(3), "only zero counts"),
-    ("counts", np.array([1.0, np.inf, 2.0]), "NaN or inf counts"),
-])
-def test_a_concept_file_the_branch_cannot_learn_from_is_refused(tmp_path, field, value, message):
-    good = dict(words=np.array(["dog", "cat", "ball"]), glove=np.ones((3, 2), np.float32),
-                cooccurrence=np.ones((3, 3)), counts=np.full(3, 4.0))
-    np.savez(tmp_path / "c.npz", **dict(good, **{field: value}))
-    with pytest.raises(DataError, match=message):
-        cr.load_concept_file(tmp_path / "c.npz")
-    np.savez(tmp_path / "ok.npz", **good)
-    assert cr.load_concept_file(tmp_path / "ok.npz")[0] == ["dog", "cat", "ball"]
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "no hub"])
@@ -1148,9 +1077,6 @@ def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_li
 def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line):
     coder_run = tiny_args(tiny)
     huge = lambda path: np.save(path, np.load(path).astype(np.float64) * np.where(np.arange(60) == 2, 1e300, 1)[:, None, None])
-    np.savez(tmp_path / "no-words.npz", words=np.array([], dtype=str), glove=np.zeros((0, 3)), cooccurrence=np.zeros((0, 0)),
-             counts=np.zeros(0))
-    (tmp_path / "empty.npz").write_bytes(b"")
     refused_in_one_line(cr.main, Path(cr.__file__), [
         (coder_run + ["--out-dir", tmp_path / "run1", "--data-root", damaged(tiny / "toy", tmp_path / "dim", "test", lambda p: np.save(p, np.load(p)[..., :8]))],
          "test region features are 8-dimensional, train's 16"),
@@ -1159,9 +1085,7 @@ def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line)
         (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
          "got float64 (0, 4, 16)"),
         (coder_run + ["--out-dir", tmp_path / "run5", "--data-root", damaged(tiny / "toy", tmp_path / "npz", "train", lambda p: (np.savez(p, np.load(p)), os.replace(f"{p}.npz", p)))],
-         "train_ims.npy is an .npz archive, not one .npy array"),
-        (coder_run + ["--out-dir", tmp_path / "run3", "--concept-file", tmp_path / "no-words.npz"], "no-words.npz: 0 words"),
-        (coder_run + ["--out-dir", tmp_path / "run4", "--concept-file", tmp_path / "empty.npz"], "empty.npz is not a concept .npz")], expect_one_error_line)
+         "train_ims.npy is an .npz archive, not one .npy array")], expect_one_error_line)
     broken = shutil.copytree(tiny / "toy", tmp_path / "scenes")
     (broken / "test_scenes.json").write_text('[{"objects": []}]')
     assert cr.toy_ceiling(broken, "test") is None  # a malformed scenes file: no ceiling line, no traceback
@@ -1206,18 +1130,6 @@ def test_a_nan_similarity_is_a_miss_not_a_hit():
     r = cr.recall_at_k(S)
     assert r["i2t_r1"] == 50.0  # image 1 misses; image 0 still finds its captions
     assert r["t2i_r1"] == 0.0  # every caption misses: a NaN score counts against the query, as a tie does
-
-
-def test_cvse_converter_refuses_files_that_are_not_cvses(tmp_path):
-    (tmp_path / "bad.json").write_text("{not json")
-    (tmp_path / "concepts.json").write_text('{"dog": 0, "cat": 1}')
-    (tmp_path / "glove.pkl").write_bytes(pickle.dumps(np.zeros((2, 3), dtype=np.float32)))
-    (tmp_path / "array.pkl").write_bytes(pickle.dumps(np.zeros((2, 2))))
-    with pytest.raises(DataError, match="bad.json is not CVSE's category_concepts.json"):
-        cr.convert_cvse_concepts(tmp_path / "bad.json", tmp_path / "glove.pkl", tmp_path / "array.pkl", tmp_path / "x.npz")
-    with pytest.raises(DataError, match="array.pkl is not CVSE's adjacency pickle"):
-        cr.convert_cvse_concepts(tmp_path / "concepts.json", tmp_path / "glove.pkl", tmp_path / "array.pkl",
-                                 tmp_path / "x.npz")
 
 
 def test_ctrl_c_saves_last_pt_prints_the_resume_command_and_exits_130(tiny, tmp_path):
