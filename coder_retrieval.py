@@ -7,22 +7,18 @@ contrastive loss DCL (Eq. 3-5); the instance branch also against coupled momentu
 Eq. 6), the concept branch also by predicting prototypes of an online clustering (PGC, Eq. 7). The loss
 is Eq. 8; retrieval ranks by S = beta S_I + (1 - beta) S_C (Sec. 3.5).
 
-    python coder_retrieval.py                               # full CODER on the toy world (CPU: minutes)
-    python coder_retrieval.py --eval runs/coder/best.pt     # test table of a checkpoint (--beta 1: S_I alone)
-    python coder_retrieval.py --dataset flickr30k --text-encoder bert-base-uncased    # real data
-    torchrun --nproc_per_node=8 coder_retrieval.py --dataset coco                     # on 8 GPUs
+    python coder_retrieval.py                             # full CODER on the toy world (CPU: minutes)
+    python coder_retrieval.py --eval runs/coder/best.pt   # test table of a checkpoint (--beta 1: S_I alone)
+    torchrun --nproc_per_node=8 coder_retrieval.py --dataset coco --glove glove.6B.300d.txt    # real data, 8 GPUs
 
 Table 2, a command a row:  #1 --loss triplet --no-bank --no-concepts   #2 --loss dcl --no-bank --no-concepts
-    #3 --no-concepts   #4 --no-pgc   #5 (no flags, full CODER)
-Table 3 (all with --no-concepts):  #1 --loss dcl-i --no-bank   #2 --no-bank   #3 --no-mdcl
-    #4 --loss dcl-i   #5 --no-div-bank   #6 (no more flags)
-Fig. 3: --batch-size 32 or 128, with and without --no-mdcl.
+    #3 --no-concepts   #4 --no-pgc   #5 (no flags, full CODER).   Fig. 3: --batch-size 32 or 128, +/- --no-mdcl.
+Table 3, all --no-concepts:  #1 --loss dcl-i --no-bank  #2 --no-bank  #3 --no-mdcl  #4 --loss dcl-i  #5 --no-div-bank  #6 (none)
 
 Paper to code: Eq. 1 ImageEncoder, TextEncoder; Eq. 2 ConceptBranch; Sec. 3.2's banks MemoryBank; Eq. 3 diversity;
-Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; one training step
-train_step, the loop train. After main, an appendix of plumbing (torchrun, checkpoints, lock, checks, file readers).
+Eq. 4-5 dcl_loss; Eq. 7 pgc_loss, OnlineClustering; Eq. 6 and 8 coder_loss; Sec. 3.5 similarity; a step train_step.
 """
-import argparse, contextlib, copy, hashlib, inspect, json, math, os, signal, socket, sys, time
+import argparse, contextlib, copy, hashlib, inspect, json, math, os, signal, socket, sys, time, urllib.parse
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each ends a run: in training, after saving last.pt
 if __name__ == "__main__":  # from the first moment (`import torch` takes seconds) a signal ends the run in one line
     for s in SIGNALS:
@@ -64,12 +60,12 @@ TOY_OVERRIDES = dict(
     val_images=300)
 # Each numeric flag's range, both ends included ("> 0": positive); a float must also be finite.
 BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6), max_len=(3, 10**5),
-              val_images=(1, 10**9), eval_batch_size=(1, 10**6), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
+              val_images=(1, 10**9), save_every=(0, 10**12), kmeans_iters=(0, 10**4),
               freeze_text_layers=(0, 10**3), threads=(0, 1024), seed=(0, 2**32 - 1), bank_size=(0, 10**9),
               n_concepts=(1, 10**6), n_prototypes=(1, 10**9),  # 0 is fine with --no-concepts, --no-pgc
               lr=("> 0", 1), mu=("> 0", math.inf), eps=("> 0", math.inf), grad_clip=(0, math.inf),
               concept_lambda=("> 0", math.inf), text_lr_scale=(0, math.inf), margin=(0, math.inf), lambda_inst=(0, math.inf),
-              gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1), adj_threshold=(0, 1), adj_reweight=(0, 1))
+              gamma=(0, math.inf), momentum=(0, 1), beta=(0, 1))
 CONFIG_LINE = ("loss", "dcl_positive", "bank", "bank_size", "mdcl", "div_bank", "concepts", "n_concepts",
                "concept_lambda", "query_norm", "pgc", "n_prototypes", "embed_size", "batch_size", "lr", "lr_update",
                "epochs", "freeze_text_layers", "seed")  # what a run prints of its configuration, in one line
@@ -83,8 +79,7 @@ def build_parser():
     add, switch = p.add_argument, argparse.BooleanOptionalAction
     add("--dataset", default="toy", choices=["toy", "flickr30k", "coco"], help="toy world (offline) or a benchmark")
     add("--data-root", default=None, help="folder with {split}_ims.npy and {split}_caps.txt (default: data/<dataset>)")
-    add("--text-encoder", default="bert-base-uncased", help="hub name (fetched once into the transformers cache) or "
-        "local folder of a transformers model")
+    add("--text-encoder", default="bert-base-uncased", help="hub name or local folder of a transformers model")
     add("--glove", default=None, metavar="TXT", help="GloVe text file (glove.6B.300d.txt, the paper's): X of the concepts "
         "picked from the training captions (default: the text encoder's word-piece embeddings)")
     add("--eval", default=None, metavar="CKPT", help="only evaluate this checkpoint on the test split(s)")
@@ -93,9 +88,8 @@ def build_parser():
     add("--save-every", type=int, default=1000, help="also write last.pt every this many steps (0: at epoch ends only)")
     add("--skip-nonfinite", action="store_true", help="leave out training images whose features hold NaN or inf")
     add("--loss", default="dcl", choices=["triplet", "dcl-i", "dcl"], help="VSE++ max-violation hinge, Eq. 4 or Eq. 5")
-    add("--dcl-positive", default="unscaled", choices=["unscaled", "hal", "printed"],
-        help="positive term of Eq. 4/5: -log(S_nn + 1) not multiplied by mu (HAL's code), with HAL's relu, or "
-        "multiplied by mu as printed (see dcl_loss)")
+    add("--dcl-positive", default="unscaled", choices=["unscaled", "printed"], help="positive term of Eq. 4/5: "
+        "-log(S_nn + 1) not multiplied by mu (HAL's code) or multiplied by mu as printed (see dcl_loss)")
     add("--bank", action=switch, default=True, help="coupled momentum memory banks (Sec. 3.2)")
     add("--mdcl", action=switch, default=True, help="memory-aided loss L_M-DCL (Eq. 6); needs --bank")
     add("--div-bank", action=switch, default=True, help="average batch- and bank-level diversity (Table 3 'MB')")
@@ -115,8 +109,6 @@ def build_parser():
         "in units of sqrt(F) with --query-norm")
     add("--query-norm", action=switch, default=True, help="Eq. 2's queries batch-standardised and compared by "
         "cosine x sqrt(F) (see concept_scores); off: q^T W y as printed")
-    add("--adj-threshold", type=float, default=0.3, help="binarisation threshold of P(j|i) for the concept graph (CVSE)")
-    add("--adj-reweight", type=float, default=0.25, help="ML-GCN re-weighting p of neighbour edges")
     add("--n-prototypes", type=int, default=None, help="K-means clusters K for PGC (default: 10000 F30K, 20000 COCO)")
     add("--kmeans-iters", type=int, default=10, help="Lloyd iterations per online clustering")
     add("--epochs", type=int, default=30, help="training epochs")
@@ -128,7 +120,6 @@ def build_parser():
     add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++, VSE-infinity; 0: none)")
     add("--max-len", type=int, default=32, help="caption length in word pieces")
     add("--val-images", type=int, default=1000, help="dev images for the per-epoch validation")
-    add("--eval-batch-size", type=int, default=256, help="batch size when encoding for evaluation")
     add("--seed", type=int, default=0, help="random seed")
     add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return p
@@ -196,25 +187,21 @@ class ImageEncoder(nn.Module):
 
 class TextEncoder(nn.Module):
     """Word pieces (B, T) -> local features e_t (B, T, F): transformer then Linear."""
-    frozen_layers = 0  # --freeze-text-layers (freeze_lower_layers, in the appendix)
 
     def __init__(self, text_config, embed_size):
         super().__init__()
         from transformers import AutoConfig, AutoModel
         self.bert = AutoModel.from_config(AutoConfig.for_model(**text_config))
-        if getattr(self.bert, "pooler", None) is not None:  # unused ([CLS] pooling): DDP wants a gradient
-            self.bert.pooler.requires_grad_(False)          # for every trainable parameter
+        if getattr(self.bert, "pooler", None) is not None:  # unused: DDP wants a gradient for every trainable one
+            self.bert.pooler.requires_grad_(False)
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_size)
 
-    def hidden(self, ids, mask, lower=None):
-        """The transformer's word-level embeddings e_t (B, T, hidden); `lower`: the frozen layers' output (appendix)."""
-        lower = frozen_lower_layers(self, ids, mask) if lower is None else lower
-        if lower is None:
-            return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return upper_layers(self.bert, lower)
+    def hidden(self, ids, mask):
+        """The transformer's word-level embeddings e_t (B, T, hidden)."""
+        return self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
-    def forward(self, ids, mask, lower=None):
-        return self.fc(self.hidden(ids, mask, lower))
+    def forward(self, ids, mask):
+        return self.fc(self.hidden(ids, mask))
 
 # --- Concept-level representation (Sec. 3.2, Eq. 2; SCC graph of CVSE) ---------------------------------------
 STOP_WORDS = set("""a an the of on in at to with and or is are be being been it its this that there these those his
@@ -308,7 +295,8 @@ class ConceptBranch(nn.Module):
 def momentum_update(online, momentum_copy, m):
     """theta_k <- m theta_k + (1 - m) theta_q."""
     for p_k, p_q in zip(momentum_copy.parameters(), online.parameters()):
-        p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
+        if p_q.requires_grad:  # frozen ones (--freeze-text-layers) stay equal
+            p_k.mul_(m).add_(p_q.detach(), alpha=1 - m)
 
 class MemoryBank(nn.Module):
     """A queue of momentum embeddings with the image id of the pair each came from; -1: an empty slot."""
@@ -348,30 +336,27 @@ class CODER(nn.Module):
                                                          for encoder in (self.image_encoder, self.text_encoder))
             self.image_queue, self.text_queue = MemoryBank(bank_size, embed_size), MemoryBank(bank_size, embed_size)
 
-    def forward(self, regions, ids, mask, lower=None):
+    def forward(self, regions, ids, mask):
         """Instance embeddings v^I, w^I (Eq. 1) and concept embeddings v^C, w^C (Eq. 2, or None)."""
         Y = self.concepts.basis() if self.concepts is not None else None  # one GCN pass for both modalities
-        (v_I, v_C), (w_I, w_C) = self.encode_images(regions, Y=Y), self.encode_texts(ids, mask, Y=Y, lower=lower)
+        (v_I, v_C), (w_I, w_C) = self.encode_images(regions, Y=Y), self.encode_texts(ids, mask, Y=Y)
         return v_I, w_I, v_C, w_C
 
-    def encode_images(self, regions, attention=False, Y=None):
-        """v^I and v^C (with `attention`, Eq. 2's scores a^v instead); alone at evaluation, so that every image is
-        encoded once. Y: the SCC basis, if already computed."""
+    def encode_images(self, regions, Y=None):
+        """v^I and v^C; alone at evaluation, so that every image is encoded once. Y: the SCC basis, if computed."""
         v_I = l2norm(aggregate(self.image_encoder(regions)))
         if self.concepts is None:
             return v_I, None
         Y = self.concepts.basis() if Y is None else Y
-        a = self.concepts.image_scores(regions, Y)
-        return v_I, a if attention else concept_embedding(a, Y)
+        return v_I, concept_embedding(self.concepts.image_scores(regions, Y), Y)
 
-    def encode_texts(self, ids, mask, attention=False, Y=None, lower=None):
-        e = self.text_encoder.hidden(ids, mask, lower)
+    def encode_texts(self, ids, mask, Y=None):
+        e = self.text_encoder.hidden(ids, mask)
         w_I = l2norm(aggregate(self.text_encoder.fc(e), mask))
         if self.concepts is None:
             return w_I, None
         Y = self.concepts.basis() if Y is None else Y
-        a = self.concepts.text_scores(e, mask, Y)
-        return w_I, a if attention else concept_embedding(a, Y)
+        return w_I, concept_embedding(self.concepts.text_scores(e, mask, Y), Y)
 
 # --- Diversity-sensitive contrastive loss (Sec. 3.3, Eq. 3-6) ------------------------------------------------
 def bank_negatives(anchor_ids, key_ids):
@@ -400,17 +385,14 @@ def dcl_loss(sim, mu=0.1, gamma=0.3, div=None, negatives=None, positive="unscale
     """One direction of Eq. 4 (div None) / Eq. 5: rows are anchors, the positive S_nn is on the
     diagonal, `negatives` (default q != n) marks the columns summed over.
     unscaled: 1/N sum_n [ mu log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
-    hal:      the same with - log(relu(S_nn) + 1)
     printed:  mu/N sum_n [ log(sum_{q!=n} exp((S_nq - gamma) / (mu div_n)) + 1) - log(S_nn + 1) ]
-    Eq. 4 is HAL's loss (its reference [33]; mu = 1/alpha, gamma = eps), whose code and USER's divide only the
-    negative term by alpha: the mu before the bracket is read as a slip. HAL's relu is left out, as the paper
-    prints: at mu = 0.1 it stops the pull of every positive below 0 and the whole model collapses (README)."""
+    Eq. 4 is HAL's loss (its [33]; mu = 1/alpha, gamma = eps), whose code and USER's divide only the negative term by
+    alpha: the mu before the bracket is read as a slip. HAL's relu on S_nn is left out, as printed (README)."""
     negatives = off_diagonal(sim) if negatives is None else negatives
     temperature = mu if div is None else mu * div[:, None]
     logits = ((sim - gamma) / temperature).masked_fill(~negatives, float("-inf"))
     negative_term = F.softplus(torch.logsumexp(logits, dim=1))  # softplus(x) = log(e^x + 1)
-    positive_sim = sim.diagonal().clamp(min=0) if positive == "hal" else sim.diagonal()
-    positive_term = torch.log((positive_sim + 1).clamp(min=1e-6))
+    positive_term = torch.log((sim.diagonal() + 1).clamp(min=1e-6))
     if positive == "printed":
         return mu * (negative_term - positive_term).mean()
     return (mu * negative_term - positive_term).mean()
@@ -514,15 +496,14 @@ def coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank=None, prototypes=Non
 
 # --- Evaluation (SCAN protocol, Sec. 4.1 and 4.5) ------------------------------------------------------------
 @torch.no_grad()
-def encode_split(model, features, tokens, pad_id, device, batch_size=256, attention=False):
-    """Every image once and every caption once: v^I, w^I and v^C, w^C (with `attention`, Eq. 2's
-    scores a^v, a^w instead), and the seconds it took."""
+def encode_split(model, features, tokens, pad_id, device, batch_size=256):
+    """Every image once and every caption once: v^I, w^I and v^C, w^C, and the seconds it took."""
     model.eval()
     start = time.perf_counter()
     batches = lambda n: (np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
     with autocast(device):
-        images = [model.encode_images(image_batch(features, idx, device), attention) for idx in batches(len(features))]
-        texts = [model.encode_texts(*text_batch(tokens, idx, pad_id, device), attention) for idx in batches(len(tokens))]
+        images = [model.encode_images(image_batch(features, idx, device)) for idx in batches(len(features))]
+        texts = [model.encode_texts(*text_batch(tokens, idx, pad_id, device)) for idx in batches(len(tokens))]
     join = lambda chunks: torch.cat([c.float() for c in chunks]) if chunks[0] is not None else None
     (v_I, v_C), (w_I, w_C) = ((join(chunks) for chunks in zip(*encoded)) for encoded in (images, texts))
     if device.type == "cuda":
@@ -582,27 +563,22 @@ def build_model(args, feat_dim, text_model, tokenizer, train_captions):
     """CODER with the pretrained text model, the g concepts picked from the training captions, their vectors X
     (GloVe with --glove) and graph A_hat; returns it, its constructor arguments, the words."""
     concepts, X = [], None
-    if args.concepts and args.glove:  # the paper: the g words' GloVe vectors
-        glove = read_glove(args.glove, set(concept_vocabulary(train_captions, None)))
+    if args.concepts:  # the paper's X: the g words' GloVe vectors
+        glove = read_glove(args.glove, set(concept_vocabulary(train_captions, None))) if args.glove else None
         concepts = concept_vocabulary(train_captions, args.n_concepts, glove)
-        X = torch.from_numpy(np.stack([glove[w] for w in concepts]))
+        X = (torch.from_numpy(np.stack([glove[w] for w in concepts])) if glove
+             else concept_inputs(concepts, tokenizer, text_model.get_input_embeddings().weight))
         counts, nums = cooccurrence(train_captions, concepts)
-    elif args.concepts:
-        concepts = concept_vocabulary(train_captions, args.n_concepts)
-        counts, nums = cooccurrence(train_captions, concepts)
-        X = concept_inputs(concepts, tokenizer, text_model.get_input_embeddings().weight)
     model_args = dict(feat_dim=feat_dim, embed_size=args.embed_size, text_config=text_model.config.to_dict(),
                       n_concepts=len(concepts), concept_dim=X.shape[1] if X is not None else 300,
                       concept_lambda=args.concept_lambda, n_prototypes=args.n_prototypes if args.pgc else 0,
                       bank_size=args.bank_size if args.bank else 0, query_norm=args.query_norm)
     model = CODER(**model_args)
-    model.text_encoder.bert.load_state_dict(text_model.state_dict())
+    for encoder in [model.text_encoder] + ([model.text_encoder_m] if model.bank_size else []):  # MoCo: keys = queries
+        encoder.bert.load_state_dict(text_model.state_dict())
     if args.concepts:
         model.concepts.X.copy_(X)
-        model.concepts.A_hat.copy_(torch.from_numpy(concept_adjacency(counts, nums, args.adj_threshold, args.adj_reweight)))
-    if model.bank_size:  # the key encoders start as exact copies of the (pretrained) query encoders
-        model.image_encoder_m.load_state_dict(model.image_encoder.state_dict())
-        model.text_encoder_m.load_state_dict(model.text_encoder.state_dict())
+        model.concepts.A_hat.copy_(torch.from_numpy(concept_adjacency(counts, nums)))
     return model, model_args, concepts
 
 def make_optimizer(model, args):
@@ -619,15 +595,14 @@ def train_step(model, net, optimizer, pgc, regions, ids, mask, caption_idx, args
     averages the gradients over ranks; `pgc` holds the pairs' prototype ids z (Eq. 7) and their v^I + w^I."""
     image_ids, z = caption_idx // CAPS_PER_IMAGE, pgc.labels[caption_idx]
     with autocast(regions.device):
-        lower = frozen_lower_layers(model.text_encoder, ids, mask)  # speed: once for both text encoders (appendix)
-        v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)  # queries: Eq. 1 and 2
+        v_I, w_I, v_C, w_C = net(regions, ids, mask)  # queries: Eq. 1 and 2
         bank = None
         if model.bank_size:  # MoCo: the key encoders move toward the query encoders, then encode the batch
             with torch.no_grad():
                 momentum_update(model.image_encoder, model.image_encoder_m, args.momentum)
                 momentum_update(model.text_encoder, model.text_encoder_m, args.momentum)
                 v_k = l2norm(aggregate(model.image_encoder_m(regions)))
-                w_k = l2norm(aggregate(model.text_encoder_m(ids, mask, lower), mask))
+                w_k = l2norm(aggregate(model.text_encoder_m(ids, mask), mask))
             # Eq. 6's keys, with their image ids: the batch's own (the positive of anchor n is column n), then the queue
             bank = (torch.cat([w_k, model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
                     torch.cat([v_k, model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
@@ -672,15 +647,14 @@ def train(args, root):
 def evaluate_checkpoint(path, args, device, root):
     """The test table of a checkpoint (COCO: 1K over 5 folds and 5K), and the toy world's ceiling."""
     ckpt = load_checkpoint(path, expect="checkpoint")
-    tokenizer = same_text_encoder(path, ckpt, args)  # --text-encoder or the checkpoint's: the one it was trained with
+    tokenizer = same_text_encoder(path, ckpt, args)  # --text-encoder's: the one it was trained with, or refused
     beta = ckpt["args"]["beta"] if args.beta is None else args.beta  # --beta 1: the instance score alone
     rows = []
     for name, split, folds in test_splits(args.dataset):
         features, tokens, _ = load_retrieval_split(root, split, tokenizer, ckpt["args"]["max_len"])
         model = model_from_checkpoint(ckpt, features, split).to(device)
         finite_images(features, split)
-        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds,
-                                    args.eval_batch_size)))
+        rows.append((name, evaluate(model, features, tokens, tokenizer.pad_token_id, device, beta, folds)))
     print(f"{path} (after epoch {ckpt['epoch']}, dev rsum {ckpt['best_rsum']:.1f}" +
           (f", beta {beta})" if ckpt["model_args"]["n_concepts"] else ")"))
     print_table(rows, toy_ceiling(root, "test"))
@@ -697,8 +671,9 @@ def main(argv=None):
     release = lock(args.out_dir) if rank == 0 else (lambda: None)  # also proves --out-dir writable
     try:
         refuse_early(args, root, device)  # now, not hours later: banks too large, test splits that would fail
-        if rank == 0:
-            print_configuration(args, world_size, device)  # and each departure from the paper in force (appendix)
+        if rank == 0:  # the configuration, and each departure from the paper in force (appendix)
+            print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(f"{k} {getattr(args, k)}"
+                  for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/", *departures(args), sep="\n")
         start = time.perf_counter()
         best = train(args, root)[2]
     finally:
@@ -714,26 +689,25 @@ RENDEZVOUS_S = 300  # how long the processes of one torchrun wait for each other
 def setup_ddp():
     """(rank, world_size, device) from the variables torchrun sets; a plain run is rank 0 of 1."""
     env = os.environ
-    rank, local_rank, world = (env.get(k, d) for k, d in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
-    bad = [f"{k}={v!r}" for k, v in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world)) if not v.isdigit()]
-    problem = f"not a number: {', '.join(bad)}" if bad else None
-    if not bad and {"RANK", "LOCAL_RANK"} & env.keys() and "WORLD_SIZE" not in env:
-        problem = "RANK or LOCAL_RANK without WORLD_SIZE"
-    elif not bad and int(rank) >= int(world):
-        problem = f"RANK {rank} is not below WORLD_SIZE {world}"
-    elif not bad and int(world) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit()):
-        problem = "WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT"
+    raw = {k: env.get(k, default) for k, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"))}
+    bad = ", ".join(f"{k}={v!r}" for k, v in raw.items() if not v.isdigit())
+    rank, local_rank, world = (int(v) if v.isdigit() else 0 for v in raw.values())
+    problems = {f"not a number: {bad}": bad,  # the first one found is reported
+                "RANK or LOCAL_RANK without WORLD_SIZE": {"RANK", "LOCAL_RANK"} & env.keys() and "WORLD_SIZE" not in env,
+                f"RANK {rank} is not below WORLD_SIZE {world}": rank >= world,
+                "WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT":
+                    world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit())}
+    problem = next((p for p, found in problems.items() if found), None)
     if problem:
         raise DataError(f"incomplete torchrun environment ({problem}); start with torchrun, or unset RANK, LOCAL_RANK "
                         f"and WORLD_SIZE")
-    rank, local_rank, world, cuda = int(rank), int(local_rank), int(world), torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
         try:  # the rendezvous bounded by the store's timeout, the collectives by a long one (rank 0 validates meanwhile)
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, timeout=timedelta(seconds=
-                                  RENDEZVOUS_S), is_master=rank == 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True")
-        except RuntimeError as e:
+            store = next(dist.rendezvous("env://", timeout=timedelta(seconds=RENDEZVOUS_S)))[0]
+        except (RuntimeError, ValueError) as e:
             raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
                             f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:80]}); start all {world} with torchrun")
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
@@ -759,59 +733,30 @@ def concat_all_gather(tensor):
 def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-def freeze_lower_layers(encoder, k):  # --freeze-text-layers: the embeddings and k lower layers are a fixed extractor
-    for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
-        module.requires_grad_(False)
-    encoder.frozen_layers = k
-
-@torch.no_grad()
-def frozen_lower_layers(encoder, ids, mask):
-    """The fixed part's output (hidden states, attention mask, k), in eval mode (no dropout): computed once a step
-    and fed to both the online and the momentum encoder, whose frozen copies are equal. None: no fixed part."""
-    from transformers.masking_utils import create_bidirectional_mask
-    bert, k = encoder.bert, encoder.frozen_layers
-    if not k:
-        return None
-    modules = [bert.embeddings, *bert.encoder.layer[:k]]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    h = bert.embeddings(input_ids=ids)
-    am = create_bidirectional_mask(config=bert.config, inputs_embeds=h, attention_mask=mask.long())
-    for layer in bert.encoder.layer[:k]:
-        h = layer(h, am)
-    for m, mode in zip(modules, modes):
-        m.train(mode)
-    return h, am, k
-
-def upper_layers(bert, lower):
-    """The trainable layers on frozen_lower_layers' output."""
-    h, attention_mask, k = lower
-    for layer in bert.encoder.layer[k:]:
-        h = layer(h, attention_mask)
-    return h
+def freeze_lower_layers(model, k):
+    """--freeze-text-layers: the text embeddings and k lower layers (online and momentum) are fixed, without dropout."""
+    for encoder in [model.text_encoder] + ([model.text_encoder_m] if model.bank_size else []):
+        for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
+            module.requires_grad_(False)
+            for dropout in (m for m in module.modules() if isinstance(m, nn.Dropout)):
+                dropout.p = 0.0  # as in eval mode: transformers' attention reads its rate from .p
 
 def prepare(args, root):
-    """What train() needs in one namespace: rank, data, CODER (or last.pt's, once its fingerprint matches this run's),
-    DDP wrapper, Adam, PGC state, bookkeeping. Nothing is trained or written here."""
+    """What train() needs in one namespace: data, CODER (or last.pt's, if it is this run), Adam, PGC, bookkeeping."""
     rank, world_size, device = setup_ddp()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     run = SimpleNamespace(args=args, rank=rank, world_size=world_size, device=device, step=0, epoch=0, best_rsum=-1.0,
                           pending=[], seen=0, seconds=0.0, kept=f"nothing saved yet in {args.out_dir}",
                           last=Path(args.out_dir) / "last.pt", best=Path(args.out_dir) / "best.pt")
     ckpt = load_checkpoint(run.last, expect="last.pt") if args.resume else None
-    args.text_encoder = text_encoder_path(args, ckpt)
     tokenizer, text_model = load_text_model(args.text_encoder)
     config, pad_id = text_model.config, tokenizer.pad_token_id
-    if args.max_len > getattr(config, "max_position_embeddings", args.max_len):
-        raise DataError(f"--max-len {args.max_len} is longer than the {config.max_position_embeddings} positions of the "
-                        f"text encoder")
-    if args.freeze_text_layers > config.num_hidden_layers:
-        raise DataError(f"--freeze-text-layers {args.freeze_text_layers} is more than the text encoder's "
-                        f"{config.num_hidden_layers} layers")
+    for flag, most, what in (("max_len", getattr(config, "max_position_embeddings", math.inf), "positions"),
+                             ("freeze_text_layers", config.num_hidden_layers, "layers")):
+        if getattr(args, flag) > most:
+            raise DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is more than the text encoder's {most} {what}")
     features, tokens, captions = load_retrieval_split(root, "train", tokenizer, args.max_len)
     run.dev = load_retrieval_split(root, "dev", tokenizer, args.max_len, args.val_images)[:2] + (pad_id,)
-    same_detector(run.dev[0], "dev", features.shape[2])
     run.pairs = np.arange(len(tokens))  # the pairs trained on: all, or those of finite images (--skip-nonfinite)
     run.pairs = run.pairs[np.isin(run.pairs // CAPS_PER_IMAGE, finite_images(features, "train", args.skip_nonfinite))]
     run.train_data, run.steps_per_epoch = (features, tokens, pad_id), len(run.pairs) // (args.batch_size * world_size)
@@ -819,12 +764,16 @@ def prepare(args, root):
         raise DataError(f"--batch-size {args.batch_size} x {world_size} process(es) is more than the {len(run.pairs)} "
                         f"training pairs; lower --batch-size")
     run.fingerprint = fingerprint(args, root, features.shape, run.dev[0].shape, tokenizer, config, world_size)
+    old, new = (ckpt or {}).get("fingerprint", {}), run.fingerprint  # --resume: the same run, or refused
+    short = lambda v: str(v) if len(str(v)) <= 40 else str(v)[:37] + "..."
+    if ckpt and (change := next((k for k in [*new, *old] if old.get(k) != new.get(k)), None)):
+        raise DataError(f"{run.last} is another run: {change} was {short(old.get(change))}, now {short(new.get(change))}; "
+                        f"resume with the same data and flags, or pass another --out-dir")
     if ckpt:
-        same_run(run.last, ckpt.get("fingerprint"), run.fingerprint)
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
         model, run.model_args, run.concepts = build_model(args, features.shape[2], text_model, tokenizer, captions)
-    freeze_lower_layers(model.text_encoder, args.freeze_text_layers)
+    freeze_lower_layers(model, args.freeze_text_layers)
     run.model = run.net = model.to(device)
     if world_size > 1:
         torch.manual_seed(args.seed + rank)  # different dropout on every rank
@@ -836,8 +785,7 @@ def prepare(args, root):
     return run
 
 def pair_batches(run, epoch):
-    """This rank's share of every global batch (batch_size x world_size pairs) for the rest of the epoch, in one
-    shuffled order, the same on every rank (it depends on seed and epoch only); the last partial batch is dropped."""
+    """This rank's share of every global batch for the rest of the epoch, shuffled by (seed, epoch) alone."""
     args = run.args
     order = run.pairs[np.random.default_rng([args.seed, epoch]).permutation(len(run.pairs))]
     global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
@@ -859,10 +807,9 @@ def after_step(run, terms, epoch):
     if run.step % 10 == 0:  # .item() waits for the device: not every step
         check_finite_loss(run)
         run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
-    signum = stop_signal(run)
-    if signum or run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
-    stop(run, signum)
+    stop_on_signal(run, epoch)
 
 def check_finite_loss(run):
     """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
@@ -881,7 +828,7 @@ def check_finite_loss(run):
 def end_of_epoch(run, epoch):
     """Dev rsum (the model selection of Sec. 4.2), best.pt, then last.pt: one unit, a signal meanwhile waits for it."""
     if run.rank == 0:
-        val = evaluate(run.model, *run.dev, run.device, run.args.beta, batch_size=run.args.eval_batch_size)
+        val = evaluate(run.model, *run.dev, run.device, run.args.beta)
         improved, run.best_rsum = val["rsum"] > run.best_rsum, max(run.best_rsum, val["rsum"])
         rate = f"; {run.seen / run.seconds:.0f} training pairs/s" if run.seconds else ""  # none: resumed at the end
         print(f"epoch {epoch + 1}: dev rsum {val['rsum']:.1f} (i2t R@1 {val['i2t_r1']:.1f}, t2i R@1 "
@@ -889,22 +836,17 @@ def end_of_epoch(run, epoch):
         if improved:  # best.pt first: last.pt records best_rsum, and a run resumed from it won't write best.pt again
             save_checkpoint(checkpoint(run, epoch + 1), run.best)
     save_last(run, epoch + 1)
-    stop(run, stop_signal(run))
-    if epoch + 1 == run.args.epochs and run.seconds and run.rank == 0:
-        print(f"trained on {run.seen} pairs in {run.seconds:.0f}s: {run.seen / run.seconds:.0f} pairs/s"
-              + (f" over {run.world_size} processes" if run.world_size > 1 else ""))
+    stop_on_signal(run)
 
-# While training, SIGINT, SIGTERM and SIGHUP (schedulers send it before a kill) are only recorded: the loop saves and
-# exits at its next step or epoch end. INTERRUPT: the first signal, and the file being written (for a second one).
-INTERRUPT = {"signal": 0, "saving": None}
-
-def on_signal(signum, frame):
-    if INTERRUPT["saving"]:  # os.write: a print here could break a print under way
-        os.write(2, f"\nstill saving {INTERRUPT['saving']}; wait\n".encode())
-    INTERRUPT["signal"] = INTERRUPT["signal"] or signum
+INTERRUPT = {"signal": 0, "saving": None}  # the first signal in training, and the file being written meanwhile
 
 @contextlib.contextmanager
 def signals_deferred():
+    """SIGINT, SIGTERM, SIGHUP (sent before a kill) only recorded: the loop saves, then exits at a step or epoch end."""
+    def on_signal(signum, frame):
+        if INTERRUPT["saving"]:  # os.write: a print here could break a print under way
+            os.write(2, f"\nstill saving {INTERRUPT['saving']}; wait\n".encode())
+        INTERRUPT["signal"] = INTERRUPT["signal"] or signum
     INTERRUPT.update(signal=0, saving=None)
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
     try:
@@ -913,22 +855,19 @@ def signals_deferred():
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-def stop_signal(run):
-    """The first signal any rank received (0: none): under torchrun every rank asks at the same points."""
-    if not dist.is_initialized():
-        return INTERRUPT["signal"]
+def stop_on_signal(run, epoch=None):
+    """The first signal any rank got (all ask at the same points): last.pt of this step (epoch None: saved), exit."""
     flag = torch.tensor([INTERRUPT["signal"]], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
-
-def stop(run, signum):
-    """After a signal (0: none), the exit with the conventional status."""
-    if not signum:
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag):
         return
+    if epoch is not None:
+        save_last(run, epoch)
     if run.rank == 0:
-        print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the same "
-              f"command plus --resume")
-    raise SystemExit(128 + signum)
+        print(f"\ninterrupted by {signal.Signals(int(flag)).name} at step {run.step}; {run.kept}; continue with the "
+              f"same command plus --resume")
+    raise SystemExit(128 + int(flag))
 
 def checkpoint(run, epoch):
     """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
@@ -938,8 +877,7 @@ def checkpoint(run, epoch):
             "text_encoder": run.args.text_encoder, "fingerprint": run.fingerprint}
 
 def save_last(run, epoch):
-    """last.pt after a look at the losses since the last one (never what a NaN made), with the PGC store (1.2 GB on
-    COCO) and every rank's RNG states in rank order: a resumed run draws the dropout masks the uninterrupted one would."""
+    """last.pt, never of NaN, with the PGC store and every rank's RNG states: a resumed run draws the same dropout."""
     check_finite_loss(run)
     rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else [])
     states = [rng] * run.world_size
@@ -968,68 +906,36 @@ def save_checkpoint(ckpt, path):
         os.close(folder)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
-        size = sum(v.nbytes for v in leaves(ckpt) if torch.is_tensor(v))
-        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); it needs "
-                        f"about {size / 2**20:,.0f} MB in {path.parent}; free some space or pass another --out-dir")
+        raise DataError(f"cannot write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:80]}); free "
+                        f"some space in {path.parent} or pass another --out-dir")
     finally:
         INTERRUPT["saving"] = None
 
-def leaves(obj):
-    return [y for x in (obj.values() if isinstance(obj, dict) else obj) for y in leaves(x)] if isinstance(
-        obj, (dict, list, tuple)) else [obj]
-
-# A run's meaning is every flag but these, which may change on --resume (data, text encoder and concept file are
-# fingerprinted by their content, not their paths)
-EXCLUDED = {"out_dir", "resume", "save_every", "threads", "eval_batch_size", "epochs", "lr_update", "eval", "data_root",
+# A run's meaning is every flag but these, which may change on --resume (data and text encoder: by content, not path)
+EXCLUDED = {"out_dir", "resume", "save_every", "threads", "epochs", "lr_update", "eval", "data_root",
             "text_encoder"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
-    """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, concept file, world size."""
+    """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, world size."""
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     run = {k: v for k, v in sorted(vars(args).items()) if k not in EXCLUDED}
     run.update({f"{split}_caps.txt": digest((Path(root) / f"{split}_caps.txt").read_bytes()) for split in ("train", "dev")})
     run.update(train_ims_shape=list(train_shape), dev_ims_shape=list(dev_shape), world_size=world_size)
     return dict(run, **text_fingerprint(text_config.to_dict(), tokenizer))
 
-def text_fingerprint(config, tokenizer=None):
+def text_fingerprint(config, tokenizer):
     """The text encoder's configuration (less its path and version) and a digest of its tokenizer's vocabulary."""
     text = {f"text_config.{k}": v for k, v in sorted(config.items())
             if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")}
-    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())).encode() if tokenizer else None
-    return dict(text, text_vocabulary=hashlib.sha256(vocabulary).hexdigest()[:16] if vocabulary else None)
-
-def first_change(old, new):
-    """The first key whose value differs, as (key, old value, new value) shortened for one line; None: they agree."""
-    short = lambda value: str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
-    keys = list(new) + [k for k in old if k not in new]
-    return next(((k, short(old.get(k)), short(new.get(k))) for k in keys if old.get(k) != new.get(k)), None)
-
-def same_run(path, old, new):
-    if not isinstance(old, dict):
-        raise DataError(f"{path} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
-                        f"run; pass another --out-dir")
-    change = first_change(old, new)
-    if change:
-        raise DataError(f"{path} is another run: {change[0]} was {change[1]}, now {change[2]}; resume with the same "
-                        f"data and flags, or pass another --out-dir")
-
-def text_encoder_path(args, ckpt):
-    """--text-encoder when given, else the checkpoint's if it is here (a copied checkpoint's folder may not be)."""
-    stored = (ckpt or {}).get("text_encoder")
-    given = args.text_encoder != (MINILM if args.dataset == "toy" else "bert-base-uncased")
-    return args.text_encoder if given or not isinstance(stored, str) or os.sep in stored and not os.path.isdir(stored) else stored
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    return dict(text, text_vocabulary=hashlib.sha256(vocabulary).hexdigest()[:16])
 
 def same_text_encoder(path, ckpt, args):
-    """--eval: the tokenizer of a text encoder with the configuration (and vocabulary, if recorded) it was trained with."""
-    tokenizer, text_model = load_text_model(text_encoder_path(args, ckpt))
-    recorded = ckpt.get("fingerprint") if isinstance(ckpt.get("fingerprint"), dict) else {}
-    old = dict(text_fingerprint(ckpt["model_args"].get("text_config") or {}), text_vocabulary=recorded.get("text_vocabulary"))
-    new = {k: v for k, v in text_fingerprint(text_model.config.to_dict(), tokenizer).items() if old.get(k) is not None}
-    change = first_change(old, new)
-    if change:
-        raise DataError(f"the text encoder {text_model.config.name_or_path} is not the one {path} was trained with "
-                        f"({change[0]} was {change[1]}, now {change[2]}); pass --text-encoder with that one "
-                        f"({ckpt.get('text_encoder')})")
+    """--eval: the tokenizer the checkpoint was trained with (the transformer's weights are the checkpoint's)."""
+    tokenizer = load_text_model(args.text_encoder)[0]
+    if text_fingerprint({}, tokenizer)["text_vocabulary"] != ckpt["fingerprint"].get("text_vocabulary"):
+        raise DataError(f"the tokenizer of {args.text_encoder} is not the one {path} was trained with; pass "
+                        f"--text-encoder with that one ({ckpt.get('text_encoder')})")
     return tokenizer
 
 def resume(run, ckpt):
@@ -1060,11 +966,11 @@ def resume(run, ckpt):
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
 
-# What every checkpoint holds, by type (what last.pt adds for resuming, resume() checks as it reads it)
-EXPECTED = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list)
+EXPECTED = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list, fingerprint=dict)
 
 def load_checkpoint(path, expect=None):
-    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): checked against EXPECTED."""
+    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): has EXPECTED's keys and types
+    (what last.pt adds, resume() checks as it reads it)."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -1076,7 +982,7 @@ def load_checkpoint(path, expect=None):
                    not {"beta", "max_len", "seed", "batch_size"} <= ckpt["args"].keys() or
                    not 0 <= ckpt["args"]["beta"] <= 1 or not 3 <= ckpt["args"]["max_len"] <= 10**5 or
                    len(ckpt["concepts"]) != ckpt["model_args"].get("n_concepts")):
-        raise DataError(f"{path} is not a {expect} written by coder_retrieval.py")
+        raise DataError(f"{path} is not a {expect} written by coder_retrieval.py (an earlier release's cannot be read)")
     return ckpt
 
 def model_from_checkpoint(ckpt, features=None, split=""):
@@ -1094,9 +1000,7 @@ def model_from_checkpoint(ckpt, features=None, split=""):
     return model
 
 def lock(out_dir):
-    """One run per --out-dir: .lock appears whole (a temporary file hard-linked into place) holding host, pid, start.
-    Stale, and taken over: empty, unreadable, malformed, or this host's with its process gone (a reused pid has
-    another start time). Another host's is respected. Taking it proves the folder writable."""
+    """One run per --out-dir: .lock, linked whole, holds host, pid, start; stale when unreadable or its process gone."""
     path, tmp = Path(out_dir) / ".lock", Path(out_dir) / f".lock.{os.getpid()}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1123,15 +1027,8 @@ def process_start(pid):
     with contextlib.suppress(OSError, IndexError):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
-def same_detector(features, split, train_dim):
-    if features.shape[2] != train_dim:
-        raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
-                        f"split of --data-root must come from one detector")
-    finite_images(features, split)
-
 def refuse_early(args, root, device):
-    """What would fail hours later: memory banks and prototypes that cannot fit (refused before anything is
-    allocated), test features of another detector or holding NaN (a table is never computed from NaN)."""
+    """What would fail hours later: banks and prototypes too large; dev or test features of another detector, or NaN."""
     need = 4 * args.embed_size * (2 * args.bank_size * args.bank + 3 * args.n_prototypes * args.pgc)
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -1139,32 +1036,29 @@ def refuse_early(args, root, device):
         raise DataError(f"memory banks of {args.bank_size} and {args.n_prototypes} PGC prototypes would need "
                         f"{need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of {device.type}")
     train_dim = load_split(root, "train")[0].shape[2]
-    for _, split, _ in test_splits(args.dataset):
-        same_detector(load_split(root, split)[0], split, train_dim)
+    for split in ["dev"] + [split for _, split, _ in test_splits(args.dataset)]:
+        features = load_split(root, split)[0][:args.val_images if split == "dev" else None]
+        if features.shape[2] != train_dim:
+            raise DataError(f"{split} region features are {features.shape[2]}-dimensional, train's {train_dim}; every "
+                            f"split of --data-root must come from one detector")
+        finite_images(features, split)
 
 def load_text_model(name_or_path):
-    """Tokenizer and pretrained text model: a local folder, or a hub name from the transformers cache, downloaded
-    there once if the hub can be reached (asked first: offline, transformers retries for most of a minute)."""
+    """Tokenizer and pretrained model from a folder, the cache or the hub (asked first: transformers retries ~50 s)."""
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModel, AutoTokenizer
     local = os.path.isdir(name_or_path)
     if not local and (os.sep in name_or_path and not name_or_path.count(os.sep) == 1 or name_or_path.startswith(".")):
         raise DataError(f"text encoder folder {name_or_path} not found; pass --text-encoder with a local "
                         "transformers folder or a hub name")
-    load = lambda cached: (AutoTokenizer.from_pretrained(name_or_path, local_files_only=cached),
-                           AutoModel.from_pretrained(name_or_path, local_files_only=cached))
+    cached = local or isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    if not cached and not hub_reachable():
+        raise DataError(f"text encoder {name_or_path!r} is not in the transformers cache and the hub cannot be "
+                        f"reached; where there is network run `hf download {name_or_path} --local-dir FOLDER`, "
+                        f"then pass --text-encoder FOLDER")
     try:
-        try:
-            tokenizer, model = load(cached=True)
-        except OSError:  # a hub name not in the cache yet
-            if local:
-                raise
-            if not hub_reachable():
-                raise DataError(f"text encoder {name_or_path!r} is not in the transformers cache and the hub cannot be "
-                                f"reached; where there is network run `hf download {name_or_path} --local-dir FOLDER`, "
-                                f"then pass --text-encoder FOLDER") from None
-            tokenizer, model = load(cached=False)
-    except DataError:
-        raise
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=cached)
+        model = AutoModel.from_pretrained(name_or_path, local_files_only=cached)
     except Exception as e:  # a broken folder, a truncated or foreign file: transformers, safetensors, json raise many types
         raise DataError(f"cannot load text encoder {name_or_path!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
                         f"; pass --text-encoder with a local transformers folder") from None
@@ -1174,7 +1068,6 @@ def load_text_model(name_or_path):
 
 def hub_reachable(timeout=5):
     """Can the Hugging Face hub be reached? HF_HUB_OFFLINE=1: no; behind a proxy: trusted to."""
-    import socket, urllib.parse
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
         return False
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -1182,20 +1075,14 @@ def hub_reachable(timeout=5):
         return True
     return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
 
-def print_configuration(args, world_size, device):
-    print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(
-        f"{k} {getattr(args, k)}" for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/",
-        *(f"  departure: {line}" for line in departures(args)), sep="\n")
-
 def departures(args):
     """Where this run departs from the paper, one line each, printed under the configuration line (README table)."""
-    name = "all-MiniLM-L6-v2" if args.text_encoder == MINILM else args.text_encoder
     toy = [f"{k} {getattr(args, k)}" for k in TOY_OVERRIDES if k != "text_encoder" and getattr(args, k) == TOY_OVERRIDES[k]]
     found = [(args.dataset == "toy", "toy world: " + ", ".join(toy) + " (the paper's with --dataset flickr30k or coco)"),
-             ("bert-base" not in args.text_encoder, f"text_encoder {name}: the paper's is BERT-base "
-              "(--text-encoder bert-base-uncased)"),
-             (args.concepts and not args.glove, "concept vectors X: the text encoder's word-piece "
-              "embeddings; the paper's are GloVe (--glove glove.6B.300d.txt)"),
+             ("bert-base" not in args.text_encoder, "text_encoder " + ("all-MiniLM-L6-v2" if args.text_encoder == MINILM
+              else args.text_encoder) + ": the paper's is BERT-base (--text-encoder bert-base-uncased)"),
+             (args.concepts and not args.glove, "concept vectors X: the text encoder's word-piece embeddings; the paper's "
+              "are GloVe (--glove glove.6B.300d.txt)"),
              (args.dcl_positive != "printed", f"dcl_positive {args.dcl_positive}: mu on Eq. 4/5's negative term only "
               "(HAL's code); the paper prints it on both (--dcl-positive printed)"),
              (args.concepts and args.query_norm, "query_norm: Eq. 2's queries batch-standardised, cosine x sqrt(F); "
@@ -1203,7 +1090,7 @@ def departures(args):
              (args.text_lr_scale != 1, f"text_lr_scale {args.text_lr_scale}: VSE-infinity's; not in the paper "
               "(--text-lr-scale 1)"),
              (args.grad_clip > 0, f"grad_clip {args.grad_clip}: VSE++'s; not in the paper (--grad-clip 0)")]
-    return [line for in_force, line in found if in_force]
+    return [f"  departure: {line}" for in_force, line in found if in_force]
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default, and the toy world's value where it replaces it."""
@@ -1214,15 +1101,12 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
-    if isinstance(value, int):
-        return None if low <= value <= high else f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
     if value is None or math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
         return None
-    if (low, high) == (0, 1):
-        return f"lie in [0, 1], got {value}"
-    if 0 < value < math.inf:  # --lr above 1
-        return f"be at most {high}, got {value:g}"
-    return f"be {'positive' if low == '> 0' else 'at least 0'} and finite, got {value}"
+    if isinstance(value, int):
+        return f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
+    span = ("positive" if low == "> 0" else f"at least {low}") + ("" if high == math.inf else f", at most {high}")
+    return f"be {span} and finite, got {value:g}"
 
 def print_table(rows, ceiling=None):
     print(f"{'split':<12}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'medr':>6}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'medr':>6}"
@@ -1243,31 +1127,23 @@ def read_glove(path, words):
     vectors, dim = {}, None
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            word, _, rest = line.rstrip().partition(" ")
-            numbers = rest.split(" ")
+            word, *numbers = line.rstrip().split(" ")
             dim = dim or len(numbers)
             if word in words and word not in vectors and len(numbers) == dim:  # glove.840B has a few multi-word tokens
-                try:
+                with contextlib.suppress(ValueError):
                     vectors[word] = np.array(numbers, dtype=np.float32)
-                except ValueError:
-                    raise DataError(f"{path} line {n} is not a word and {dim} numbers; pass a GloVe text file") from None
-                if not np.isfinite(vectors[word]).all():
-                    raise DataError(f"{path} line {n}: the vector of {word!r} holds NaN or inf")
+                if not np.isfinite(vectors.get(word, np.nan)).all():
+                    raise DataError(f"{path} line {n} is not a word and {dim} finite numbers; pass a GloVe text file")
     if not vectors:
         raise DataError(f"{path} holds no vector of the training captions' words; pass a GloVe text file "
                         f"(glove.6B.300d.txt: a word and its numbers a line)")
     return vectors
-
-
 
 if __name__ == "__main__":
     try:
         main()
     except DataError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

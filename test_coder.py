@@ -45,14 +45,14 @@ def numpy_dcl(S, mu, gamma, div, negatives):
     return mu / S.shape[0] * total
 
 
-def numpy_dcl_hal(S, mu, gamma, div, negatives, relu=True):
+def numpy_dcl_hal(S, mu, gamma, div, negatives):
     """HAL's loss (its official code) with CODER's names, mu = 1/alpha and gamma = eps, and Eq. 5's div:
-    per anchor (1/alpha) log(1 + sum_k exp(alpha (S_nk - eps))) - log(1 + relu(S_nn)), the positive not
-    divided by alpha."""
+    per anchor (1/alpha) log(1 + sum_k exp(alpha (S_nk - eps))) - log(1 + S_nn), the positive not divided by
+    alpha (HAL's relu on S_nn left out, as the paper prints)."""
     total = 0.0
     for n in range(S.shape[0]):
         inner = sum(math.exp((S[n, q] - gamma) / (mu * div[n])) for q in range(S.shape[1]) if negatives[n, q])
-        total += mu * math.log(1 + inner) - math.log(1 + (max(S[n, n], 0.0) if relu else S[n, n]))
+        total += mu * math.log(1 + inner) - math.log(1 + S[n, n])
     return total / S.shape[0]
 
 
@@ -82,7 +82,7 @@ def test_diversity_is_a_weight_without_gradient(sim):
 def test_dcl_loss_eq4_matches_numpy_loop(sim):
     square = sim[:, :6]
     got = cr.dcl_loss(torch.tensor(square), mu=0.1, gamma=0.3).item()  # the default: HAL's form, no relu
-    assert got == pytest.approx(numpy_dcl_hal(square, 0.1, 0.3, np.ones(6), ~np.eye(6, dtype=bool), relu=False), rel=1e-6)
+    assert got == pytest.approx(numpy_dcl_hal(square, 0.1, 0.3, np.ones(6), ~np.eye(6, dtype=bool)), rel=1e-6)
     got = cr.dcl_loss(torch.tensor(square), mu=0.1, gamma=0.3, positive="printed").item()
     assert got == pytest.approx(numpy_dcl(square, 0.1, 0.3, np.ones(6), ~np.eye(6, dtype=bool)), rel=1e-6)
 
@@ -92,18 +92,16 @@ def test_dcl_loss_eq5_matches_numpy_loop_with_div_and_bank_mask(sim):
     np.fill_diagonal(mask, False)
     div = np.array([1.0, 0.7, 0.55, 0.9, 0.6, 0.8])
     got = cr.dcl_loss(torch.tensor(sim), 0.1, 0.3, torch.tensor(div), torch.tensor(mask)).item()
-    assert got == pytest.approx(numpy_dcl_hal(sim, 0.1, 0.3, div, mask, relu=False), rel=1e-6)
+    assert got == pytest.approx(numpy_dcl_hal(sim, 0.1, 0.3, div, mask), rel=1e-6)
 
 
 def test_dcl_positive_readings_match_numpy_loops(sim):
     mask = np.random.default_rng(3).random(sim.shape) > 0.3
     np.fill_diagonal(mask, False)
     div = np.array([1.0, 0.7, 0.55, 0.9, 0.6, 0.8])
-    assert (np.diag(sim) < 0).any() and (np.diag(sim) > 0).any()  # the relu acts on some rows, not all
     args = (torch.tensor(sim), 0.1, 0.3, torch.tensor(div), torch.tensor(mask))
-    assert cr.dcl_loss(*args, positive="hal").item() == pytest.approx(numpy_dcl_hal(sim, 0.1, 0.3, div, mask), rel=1e-6)
     assert cr.dcl_loss(*args, positive="unscaled").item() == pytest.approx(
-        numpy_dcl_hal(sim, 0.1, 0.3, div, mask, relu=False), rel=1e-6)
+        numpy_dcl_hal(sim, 0.1, 0.3, div, mask), rel=1e-6)
     assert cr.dcl_loss(*args, positive="printed").item() == pytest.approx(numpy_dcl(sim, 0.1, 0.3, div, mask), rel=1e-6)
 
 
@@ -569,38 +567,42 @@ def tiny(tmp_path_factory):
 
 def step_loss(net, model, regions, ids, mask, image_ids, z, args):
     """The training step's forward, as train_step computes it: queries, MoCo keys, then Eq. 8."""
-    lower = cr.frozen_lower_layers(model.text_encoder, ids, mask)
-    v_I, w_I, v_C, w_C = net(regions, ids, mask, lower)
+    v_I, w_I, v_C, w_C = net(regions, ids, mask)
     keys = bank = None
     if model.bank_size:
         with torch.no_grad():
             cr.momentum_update(model.image_encoder, model.image_encoder_m, args.momentum)
             cr.momentum_update(model.text_encoder, model.text_encoder_m, args.momentum)
             keys = (cr.l2norm(cr.aggregate(model.image_encoder_m(regions))),
-                    cr.l2norm(cr.aggregate(model.text_encoder_m(ids, mask, lower), mask)))
+                    cr.l2norm(cr.aggregate(model.text_encoder_m(ids, mask), mask)))
         bank = (torch.cat([keys[1], model.text_queue.feats]), torch.cat([image_ids, model.text_queue.ids]),
                 torch.cat([keys[0], model.image_queue.feats]), torch.cat([image_ids, model.image_queue.ids]))
     return (*cr.coder_loss(v_I, w_I, v_C, w_C, image_ids, z, args, bank, model.prototypes), keys)
 
 
-def test_frozen_lower_layers_run_once_in_eval_mode_and_equal_the_whole_transformer():
+def test_frozen_lower_layers_have_no_dropout_no_gradient_and_stay_equal_in_the_momentum_encoder():
     config = dict(model_type="bert", vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5)
+                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5,
+                  attention_probs_dropout_prob=0.5)
     torch.manual_seed(0)
-    encoder = cr.TextEncoder(config, 16).eval()
+    model = cr.CODER(8, 16, config, bank_size=4)
+    cr.freeze_lower_layers(model, 2)
+    model.train()
     ids, mask = torch.randint(5, 50, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
     mask[0, 4:], mask[2, 2:] = False, False
-    whole = encoder.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # transformers' own forward
-    cr.freeze_lower_layers(encoder, 2)
-    assert torch.allclose(encoder.hidden(ids, mask), whole, atol=1e-6)
-    encoder.train()
-    lower = cr.frozen_lower_layers(encoder, ids, mask)
-    again = cr.frozen_lower_layers(encoder, ids, mask)
-    assert torch.equal(lower[0], again[0]) and not lower[0].requires_grad  # no dropout, no grad
-    assert encoder.bert.embeddings.training and all(layer.training for layer in encoder.bert.encoder.layer)
-    encoder.hidden(ids, mask, lower).sum().backward()
-    grads = [p.grad is not None for layer in encoder.bert.encoder.layer for p in layer.parameters()]
-    assert not any(grads[:len(grads) // 2]) and all(grads[len(grads) // 2:])
+    states = [model.text_encoder.bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+              for _ in range(2)]
+    assert torch.equal(states[0][2], states[1][2]) and not torch.equal(states[0][3], states[1][3])  # dropout above only
+    model.text_encoder(ids, mask).sum().backward()
+    layers = model.text_encoder.bert.encoder.layer
+    assert all(p.grad is None for layer in layers[:2] for p in layer.parameters())
+    assert all(p.grad is not None for layer in layers[2:] for p in layer.parameters())
+    with torch.no_grad():
+        for p in (p for p in model.text_encoder.parameters() if p.requires_grad):
+            p.add_(1.0)  # a step of the optimizer
+    cr.momentum_update(model.text_encoder, model.text_encoder_m, 0.995)
+    for (name, p_q), p_k in zip(model.text_encoder.named_parameters(), model.text_encoder_m.parameters()):
+        assert torch.equal(p_q, p_k) == (not p_q.requires_grad), name  # the frozen ones were not moved, and stay equal
 
 
 def tiny_args(tiny, *extra):
@@ -680,14 +682,14 @@ def test_one_training_step_matches_numpy_loops_of_eq6_to_8_and_moco_order(tiny):
     with torch.no_grad():  # what the step should compute, from a copy
         v_I, w_I, v_C, w_C = (x.double().numpy() for x in before(regions, ids, mask))
         for online, key in ((before.image_encoder, before.image_encoder_m), (before.text_encoder, before.text_encoder_m)):
-            for p_q, p_k in zip(online.parameters(), key.parameters()):
-                p_k.copy_(0.5 * p_k + 0.5 * p_q)  # theta_k <- m theta_k + (1 - m) theta_q, then the keys
+            for p_q, p_k in zip(online.parameters(), key.parameters()):  # a frozen p_q: p_k stays equal to it
+                p_k.copy_(0.5 * p_k + 0.5 * p_q if p_q.requires_grad else p_k)  # theta_k <- m theta_k + (1 - m) theta_q
         v_k = cr.l2norm(cr.aggregate(before.image_encoder_m(regions)))
         w_k = cr.l2norm(cr.aggregate(before.text_encoder_m(ids, mask), mask))
     terms = cr.train_step(model, model, cr.make_optimizer(model, args), pgc, regions, ids, mask, caption_idx, args)
 
     def loss(S, negative, div):  # Eq. 5, one direction, the positive not scaled by mu (the default)
-        return numpy_dcl_hal(S, args.mu, args.gamma, div, negative, relu=False)
+        return numpy_dcl_hal(S, args.mu, args.gamma, div, negative)
     batch_negative = np.array([[image_ids[q] != image_ids[n] for q in range(4)] for n in range(4)])
     text_keys = np.concatenate([w_k.double().numpy(), old_queues[1][0].double().numpy()])
     image_keys = np.concatenate([v_k.double().numpy(), old_queues[0][0].double().numpy()])
@@ -721,12 +723,15 @@ def concept_usage_after_training(tiny, *flags):
     model, _, _ = cr.train(args, tiny / "toy")
     tokenizer, _ = cr.load_text_model(args.text_encoder)
     feats, tokens, _ = cr.load_retrieval_split(tiny / "toy", "dev", tokenizer, args.max_len)
-    with torch.no_grad():
-        emb, _ = cr.encode_split(model, feats, tokens, tokenizer.pad_token_id, torch.device("cpu"), attention=True)
-        Y = model.concepts.basis()
-        S_C = cr.concept_embedding(emb["v_C"], Y) @ cr.concept_embedding(emb["w_C"], Y).t()
-    return {"argmax_images": int(emb["v_C"].argmax(1).unique().numel()),
-            "argmax_captions": int(emb["w_C"].argmax(1).unique().numel()), "S_C_sd": float(S_C.std())}
+    model.eval()
+    with torch.no_grad():  # Eq. 2's scores a^v, a^w of every dev image and caption
+        Y, cpu = model.concepts.basis(), torch.device("cpu")
+        a_v = model.concepts.image_scores(cr.image_batch(feats, np.arange(len(feats)), cpu), Y)
+        ids, mask = cr.text_batch(tokens, np.arange(len(tokens)), tokenizer.pad_token_id, cpu)
+        a_w = model.concepts.text_scores(model.text_encoder.hidden(ids, mask), mask, Y)
+        S_C = cr.concept_embedding(a_v, Y) @ cr.concept_embedding(a_w, Y).t()
+    return {"argmax_images": int(a_v.argmax(1).unique().numel()),
+            "argmax_captions": int(a_w.argmax(1).unique().numel()), "S_C_sd": float(S_C.std())}
 
 
 def test_concept_branch_does_not_collapse_under_the_default_loss_and_does_without_query_norm(tiny):
@@ -841,7 +846,7 @@ def test_each_departure_is_printed_and_the_papers_flags_remove_it(tiny, monkeypa
         cr.main(tiny_args(tiny, "--out-dir", str(tiny / "departures")))
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("CODER on toy"))
-    assert out[at + 1:at + 8] == ["  departure: " + line for line in cr.departures(cr.parse_args(tiny_args(tiny)))]
+    assert out[at + 1:at + 8] == cr.departures(cr.parse_args(tiny_args(tiny)))
 
 
 def test_glove_text_file_gives_the_concepts_their_vectors_in_frequency_order(tiny, tmp_path):
@@ -866,8 +871,8 @@ def test_glove_text_file_gives_the_concepts_their_vectors_in_frequency_order(tin
     model, model_args, concepts = cr.build_model(args, 16, text_model, tokenizer, caps)
     assert concepts == known[:5] and model_args["concept_dim"] == 6
     assert np.allclose(model.concepts.X.numpy(), np.stack([rows[w] for w in known[:5]]), atol=1e-6)
-    for text, message in (("a b c\nnot numbers here\n", "line 1 is not a word and 2 numbers"),
-                          (f"{known[0]} 1 nan\n", "holds NaN or inf"), ("", "holds no vector")):
+    for text, message in (("a b c\nnot numbers here\n", "line 1 is not a word and 2 finite numbers"),
+                          (f"{known[0]} 1 nan\n", "is not a word and 2 finite numbers"), ("", "holds no vector")):
         (tmp_path / "bad.txt").write_text(text.replace("a b c", f"{known[0]} 1 2").replace("not", known[1]))
         with pytest.raises(DataError, match=message.replace("line 1", "line 2")):
             cr.read_glove(tmp_path / "bad.txt", set(known))
@@ -1044,12 +1049,12 @@ def test_a_kill_between_the_epoch_end_saves_leaves_a_run_that_resumes_to_the_sam
 
 @pytest.mark.parametrize("flag, refused, accepted", [  # each numeric flag at the edge of what can work, by hand
     ("--embed-size", 1, 2), ("--batch-size", 1, 2), ("--max-len", 2, 3), ("--epochs", 0, 1), ("--lr-update", -1, 0),
-    ("--val-images", 0, 1), ("--eval-batch-size", 0, 1), ("--save-every", -1, 0), ("--kmeans-iters", -1, 0),
+    ("--val-images", 0, 1), ("--save-every", -1, 0), ("--kmeans-iters", -1, 0),
     ("--freeze-text-layers", -1, 0), ("--threads", -1, 0), ("--seed", -1, 0), ("--n-concepts", 0, 1),
     ("--n-prototypes", 0, 1), ("--lr", 1.01, 1.0), ("--lr", 0.0, 1e-9), ("--mu", 0.0, 1e-9), ("--eps", 0.0, 1e-9),
     ("--grad-clip", -0.01, 0.0), ("--concept-lambda", 0.0, 1e-9), ("--gamma", -0.01, 0.0), ("--margin", -0.01, 0.0),
     ("--lambda-inst", -0.01, 0.0), ("--text-lr-scale", -0.01, 0.0), ("--momentum", 1.01, 1.0), ("--beta", -0.01, 0.0),
-    ("--beta", 1.01, 1.0), ("--adj-threshold", 1.01, 1.0), ("--adj-reweight", -0.01, 0.0), ("--bank-size", 1023, 1024)])
+    ("--beta", 1.01, 1.0), ("--bank-size", 1023, 1024)])
 def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(flag, refused, accepted):
     fixed = ["--batch-size", "1024"] if flag == "--bank-size" else []  # a bank holds at least one global batch
     with pytest.raises(DataError, match=f"^{flag} "):
@@ -1060,15 +1065,15 @@ def test_each_bound_refuses_the_first_value_outside_and_takes_the_last_inside(fl
 def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_line):
     refused_in_one_line(cr.main, Path(cr.__file__), [(tiny_args(tiny, *flags, "--out-dir", tmp_path / str(i)), message)
                                                       for i, (flags, message) in enumerate([
-        (["--grad-clip", "-1"], "--grad-clip must be at least 0 and finite, got -1.0"),  # it reversed the gradients
-        (["--text-lr-scale", "-5"], "--text-lr-scale must be at least 0 and finite, got -5.0"),
-        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
-        (["--momentum", "nan"], "--momentum must lie in [0, 1], got nan"),
+        (["--grad-clip", "-1"], "--grad-clip must be at least 0 and finite, got -1"),  # it reversed the gradients
+        (["--text-lr-scale", "-5"], "--text-lr-scale must be at least 0 and finite, got -5"),
+        (["--lr", "nan"], "--lr must be positive, at most 1 and finite, got nan"),
+        (["--momentum", "nan"], "--momentum must be at least 0, at most 1 and finite, got nan"),
         (["--seed", "-1"], "--seed must be at least 0, got -1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--bank-size", "1000000000"], "memory banks of 1000000000 and 4 PGC prototypes would need"),
         (["--n-prototypes", "1000000000"], "memory banks of 40 and 1000000000 PGC prototypes would need"),
-        (["--max-len", "600"], "--max-len 600 is longer than the 64 positions of the text encoder"),
+        (["--max-len", "600"], "--max-len 600 is more than the text encoder's 64 positions"),
         (["--freeze-text-layers", "3"], "--freeze-text-layers 3 is more than the text encoder's 2 layers"),
         (["--batch-size", "1000", "--no-bank"], "--batch-size 1000 x 1 process(es) is more than the 300 training pairs"),
         (["--loss", "infonce"], "argument --loss: invalid choice: 'infonce'")])], expect_one_error_line)
@@ -1213,7 +1218,7 @@ def test_torchrun_trains_evaluates_and_resumes_with_two_processes(tiny, tmp_path
     first = subprocess.run(torchrun + ["--epochs", "1"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     out = first.stdout
-    assert "over 2 processes" in out and out.count("epoch 1:") == 1 and out.count("\ntest ") == 1  # rank 0 alone
+    assert "CODER on toy, 2 process(es)" in out and out.count("epoch 1:") == 1 and out.count("\ntest ") == 1  # rank 0 alone
     again = subprocess.run(torchrun + ["--epochs", "2", "--resume"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -1430,7 +1435,7 @@ def test_an_edited_last_pt_is_one_line(tiny, straight, tmp_path, expect_one_erro
         (first_moment, "last.pt cannot be resumed (ValueError: optimizer state for a (32, 16) parameter has another"),
         (lambda c: c.update(pgc_store=c["pgc_store"][:1]), "cannot be resumed (ValueError: pgc_store is (1, 32), not"),
         (lambda c: c.update(step=999), "cannot be resumed (ValueError: step 999 is not in epoch 3)"),
-        (lambda c: c.pop("fingerprint"), "has no run fingerprint (an earlier release wrote it): it cannot be verified as this run")]):
+        (lambda c: c.pop("fingerprint"), "is not a last.pt written by coder_retrieval.py (an earlier release's cannot")]):
         ckpt = load_checkpoint(straight[1] / "last.pt")
         edit(ckpt)
         (tmp_path / str(i)).mkdir()
@@ -1439,20 +1444,28 @@ def test_an_edited_last_pt_is_one_line(tiny, straight, tmp_path, expect_one_erro
     refused_in_one_line(cr.main, Path(cr.__file__), cases, expect_one_error_line)
 
 
-def test_eval_honours_text_encoder_reads_only_and_refuses_another_model(tiny, straight, tmp_path, expect_one_error_line):
-    from transformers import BertConfig, BertModel, AutoTokenizer
+def test_eval_honours_text_encoder_reads_only_and_refuses_another_tokenizer(tiny, straight, tmp_path,
+                                                                            expect_one_error_line):
+    from transformers import BertConfig, BertModel, BertTokenizerFast, AutoTokenizer
     argv, out = straight[0], straight[1]
     bert = straight[2]
     BertModel(BertConfig.from_pretrained(bert, num_hidden_layers=3)).save_pretrained(tmp_path / "bert3")
-    AutoTokenizer.from_pretrained(bert).save_pretrained(tmp_path / "bert3")
+    AutoTokenizer.from_pretrained(bert).save_pretrained(tmp_path / "bert3")  # the same tokenizer, another transformer
+    vocab = AutoTokenizer.from_pretrained(bert).get_vocab()
+    BertTokenizerFast(vocab={("zebra" if i == len(vocab) - 1 else w): i for w, i in vocab.items()}).save_pretrained(
+        tmp_path / "renamed")  # one word renamed
+    BertModel.from_pretrained(bert).save_pretrained(tmp_path / "renamed")
     shutil.copytree(bert, tmp_path / "moved-bert")
     files = {path.name: path.read_bytes() for path in out.iterdir()}
     moved = cr.main(argv + ["--out-dir", str(out), "--eval", str(out / "best.pt"), "--text-encoder", str(tmp_path / "moved-bert")])
     assert {path.name: path.read_bytes() for path in out.iterdir()} == files  # --eval only reads, even its own folder
     assert moved[0][1]["rsum"] == cr.main(argv + ["--eval", str(out / "best.pt")])[0][1]["rsum"]
+    # the weights are the checkpoint's: another transformer with the same tokenizer gives the same table
+    assert moved[0][1]["rsum"] == cr.main(argv + ["--eval", str(out / "best.pt"), "--text-encoder",
+                                                  str(tmp_path / "bert3")])[0][1]["rsum"]
     expect_one_error_line([sys.executable, cr.__file__, *argv, "--eval", out / "best.pt", "--text-encoder",
-                           tmp_path / "bert3"], f"the text encoder {tmp_path / 'bert3'} is not the one {out / 'best.pt'} "
-                                                f"was trained with (text_config.num_hidden_layers was 2, now 3)")
+                           tmp_path / "renamed"], f"the tokenizer of {tmp_path / 'renamed'} is not the one "
+                                                  f"{out / 'best.pt'} was trained with; pass --text-encoder with that one")
 
 
 @pytest.mark.parametrize("content, held", [
