@@ -415,7 +415,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     if results_file is not None:
         write_atomically(results_file, lambda f: f.write(json.dumps(results).encode()), 0, "free some space there")
         results = str(results_file)
-    scores = caption_metrics(coco_ground_truth(references, image_ids), results)
+    scores = caption_metrics(references, image_ids, results)
     n = min(args.retrieval_images, len(ids))
     if n > 0:
         logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
@@ -911,25 +911,20 @@ def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
 
-def coco_ground_truth(references, image_ids):
-    """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
+def caption_metrics(references, image_ids, results):
+    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
-    coco = COCO()
+    coco = COCO()  # the references, in memory: image image_ids[i] has the captions references[i]
     coco.dataset = {"images": [{"id": int(i)} for i in image_ids],
                     "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
                                     for n, (i, refs) in enumerate(zip(image_ids, references))
                                     for k, caption in enumerate(refs)]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a line per index it builds
         coco.createIndex()
-    return coco
-
-def caption_metrics(coco, results):
-    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    with contextlib.redirect_stdout(io.StringIO()):
         coco_res = coco.loadRes(results)
     gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
     if ptb_available():
@@ -940,9 +935,7 @@ def caption_metrics(coco, results):
     scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
     if ptb_available():
         scores["METEOR"] = meteor(gts, res)
-    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
-    return scores
+    return scores | {"ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
 
 def ptb_available():
     return shutil.which("java") is not None
