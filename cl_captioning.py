@@ -575,8 +575,7 @@ def setup_ddp():
     ranked = "RANK" in env or "LOCAL_RANK" in env
     problems |= {"RANK or LOCAL_RANK without WORLD_SIZE": ranked and "WORLD_SIZE" not in env,
                  f"RANK {rank} not below WORLD_SIZE {world_size}": "WORLD_SIZE" in number and rank >= world_size,
-                 "MASTER_ADDR missing": world_size > 1 and "MASTER_ADDR" not in env,
-                 "MASTER_PORT missing": world_size > 1 and "MASTER_PORT" not in env,
+                 **{f"{k} missing": world_size > 1 and k not in env for k in ("MASTER_ADDR", "MASTER_PORT")},
                  f"LOCAL_RANK {local_rank} but {gpus} GPUs": cuda and local_rank >= gpus}
     if any(problems.values()):
         raise DataError(f"incomplete torchrun environment ({'; '.join(p for p, found in problems.items() if found)}); "
@@ -587,9 +586,9 @@ def setup_ddp():
         try:  # rank 0 waits for the others (and they for it) RENDEZVOUS_S, not forever
             store = next(dist.rendezvous("env://", timeout=timedelta(seconds=RENDEZVOUS_S)))[0]
         except (RuntimeError, ValueError) as e:
-            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
-                            f"{env['MASTER_PORT']} ({type(e).__name__}); start them all with torchrun, or check "
-                            f"MASTER_ADDR and MASTER_PORT")
+            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at "
+                            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} ({type(e).__name__}); start them all with "
+                            f"torchrun, or check MASTER_ADDR and MASTER_PORT")
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -852,15 +851,15 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
 
 def layout_difference(saved, expected, where):
     """Where `saved` is not laid out as `expected` (keys, lengths, tensor shapes and dtypes, types), or None."""
+    if isinstance(expected, (list, tuple)) and isinstance(saved, (list, tuple)):
+        if len(saved) != len(expected):
+            return f"{where} has {len(saved)} entries, not {len(expected)}"
+        saved, expected = dict(enumerate(saved)), dict(enumerate(expected))  # entry i compared as key i
     if isinstance(expected, dict) and isinstance(saved, dict):
         odd = sorted(map(str, saved.keys() - expected.keys())), sorted(map(str, expected.keys() - saved.keys()))
         if odd[0] or odd[1]:
             return f"{where} has {f'an unexpected key {odd[0][0]}' if odd[0] else f'no key {odd[1][0]}'}"
         return next(filter(None, (layout_difference(saved[k], v, f"{where}/{k}") for k, v in expected.items())), None)
-    if isinstance(expected, (list, tuple)) and isinstance(saved, (list, tuple)):
-        if len(saved) != len(expected):
-            return f"{where} has {len(saved)} entries, not {len(expected)}"
-        return next(filter(None, (layout_difference(s, e, f"{where}/{i}") for i, (s, e) in enumerate(zip(saved, expected)))), None)
     describe = lambda x: f"a {x.dtype} tensor {list(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
     if describe(saved) != describe(expected):
         return f"{where} is {describe(saved)}, not {describe(expected)}"
@@ -872,15 +871,13 @@ def resume(run):
     if not isinstance(saved, dict):
         raise DataError(f"{run.last} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
                         f"run; pass another --out-dir")
-    changed = [key for key in now | saved if saved.get(key) != now.get(key)]
-    if changed:  # the values are flags, digests and shapes: short
+    if changed := [key for key in now | saved if saved.get(key) != now.get(key)]:  # values: flags, digests, shapes
         raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
                         f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
     expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}  # its layout
     expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
                                       for i, p in enumerate(run.target.parameters())}  # Adam's, of every parameter
-    damage = layout_difference(ckpt, expected, "last.pt")
-    if damage:
+    if damage := layout_difference(ckpt, expected, "last.pt"):
         raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
     run.target.load_state_dict(ckpt["model"]["state"])
     if run.reference is not None:
