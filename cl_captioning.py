@@ -892,6 +892,7 @@ def resume(run):
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
 def require_memory(args, vocab_size, device):
     """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
