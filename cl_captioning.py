@@ -871,7 +871,8 @@ def resume(run):
     if not isinstance(saved, dict):
         raise DataError(f"{run.last} has no run fingerprint (an earlier release wrote it): it cannot be verified as this "
                         f"run; pass another --out-dir")
-    if changed := [key for key in now | saved if saved.get(key) != now.get(key)]:  # values: flags, digests, shapes
+    changed = [key for key in now | saved if saved.get(key) != now.get(key)]
+    if changed:  # the values are flags, digests and shapes: short
         raise DataError(f"{run.last} is another run: {changed[0]} was {saved.get(changed[0])}, now "
                         f"{now.get(changed[0])}; resume with the same data and flags, or pass another --out-dir")
     expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}  # its layout
