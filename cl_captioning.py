@@ -415,7 +415,7 @@ def evaluate(model, features, captions, vocab, args, device, image_ids, results_
     if results_file is not None:
         write_atomically(results_file, lambda f: f.write(json.dumps(results).encode()), 0, "free some space there")
         results = str(results_file)
-    scores = caption_metrics(coco_ground_truth(references, image_ids), results)
+    scores = caption_metrics(references, image_ids, results)
     n = min(args.retrieval_images, len(ids))
     if n > 0:
         logp = retrieval_log_probs(model, features, ids[:n], generated[:n], device, args.pairs_per_forward)
@@ -575,8 +575,7 @@ def setup_ddp():
     ranked = "RANK" in env or "LOCAL_RANK" in env
     problems |= {"RANK or LOCAL_RANK without WORLD_SIZE": ranked and "WORLD_SIZE" not in env,
                  f"RANK {rank} not below WORLD_SIZE {world_size}": "WORLD_SIZE" in number and rank >= world_size,
-                 "MASTER_ADDR missing": world_size > 1 and "MASTER_ADDR" not in env,
-                 "MASTER_PORT missing": world_size > 1 and "MASTER_PORT" not in env,
+                 **{f"{k} missing": world_size > 1 and k not in env for k in ("MASTER_ADDR", "MASTER_PORT")},
                  f"LOCAL_RANK {local_rank} but {gpus} GPUs": cuda and local_rank >= gpus}
     if any(problems.values()):
         raise DataError(f"incomplete torchrun environment ({'; '.join(p for p, found in problems.items() if found)}); "
@@ -587,9 +586,9 @@ def setup_ddp():
         try:  # rank 0 waits for the others (and they for it) RENDEZVOUS_S, not forever
             store = next(dist.rendezvous("env://", timeout=timedelta(seconds=RENDEZVOUS_S)))[0]
         except (RuntimeError, ValueError) as e:
-            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at {env['MASTER_ADDR']}:"
-                            f"{env['MASTER_PORT']} ({type(e).__name__}); start them all with torchrun, or check "
-                            f"MASTER_ADDR and MASTER_PORT")
+            raise DataError(f"rank {rank}: the other processes did not join within {RENDEZVOUS_S} s at "
+                            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} ({type(e).__name__}); start them all with "
+                            f"torchrun, or check MASTER_ADDR and MASTER_PORT")
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(hours=1))  # rank 0 validates meanwhile
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -852,15 +851,15 @@ def load_captioner(path, vocab, feat_dim, device, dataset):
 
 def layout_difference(saved, expected, where):
     """Where `saved` is not laid out as `expected` (keys, lengths, tensor shapes and dtypes, types), or None."""
+    if isinstance(expected, (list, tuple)) and isinstance(saved, (list, tuple)):
+        if len(saved) != len(expected):
+            return f"{where} has {len(saved)} entries, not {len(expected)}"
+        saved, expected = dict(enumerate(saved)), dict(enumerate(expected))  # entry i compared as key i
     if isinstance(expected, dict) and isinstance(saved, dict):
         odd = sorted(map(str, saved.keys() - expected.keys())), sorted(map(str, expected.keys() - saved.keys()))
         if odd[0] or odd[1]:
             return f"{where} has {f'an unexpected key {odd[0][0]}' if odd[0] else f'no key {odd[1][0]}'}"
         return next(filter(None, (layout_difference(saved[k], v, f"{where}/{k}") for k, v in expected.items())), None)
-    if isinstance(expected, (list, tuple)) and isinstance(saved, (list, tuple)):
-        if len(saved) != len(expected):
-            return f"{where} has {len(saved)} entries, not {len(expected)}"
-        return next(filter(None, (layout_difference(s, e, f"{where}/{i}") for i, (s, e) in enumerate(zip(saved, expected)))), None)
     describe = lambda x: f"a {x.dtype} tensor {list(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
     if describe(saved) != describe(expected):
         return f"{where} is {describe(saved)}, not {describe(expected)}"
@@ -879,8 +878,7 @@ def resume(run):
     expected = checkpoint(run, 0) | {"args": ckpt.get("args"), "rng": [rng_states(run)] * run.world_size}  # its layout
     expected["optimizer"]["state"] = {i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
                                       for i, p in enumerate(run.target.parameters())}  # Adam's, of every parameter
-    damage = layout_difference(ckpt, expected, "last.pt")
-    if damage:
+    if damage := layout_difference(ckpt, expected, "last.pt"):
         raise DataError(f"{run.last} is damaged: {damage}; pass another --out-dir")
     run.target.load_state_dict(ckpt["model"]["state"])
     if run.reference is not None:
@@ -895,6 +893,7 @@ def resume(run):
         run.best_state = load_checkpoint(run.best)["model"]["state"]  # written by this run with best_score
     if run.rank == 0:
         print(f"resuming {run.last} at step {run.step} (epoch {run.epoch + 1})")
+
 def require_memory(args, vocab_size, device):
     """A step's or a self-retrieval forward's word log-probs that cannot fit are refused before anything is allocated."""
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
@@ -911,25 +910,20 @@ def captioning_test_split(dataset):
     """Karpathy's 5,000 COCO test images are SCAN's testall (its test: the first 1,000); Flickr30K's are test."""
     return "testall" if dataset == "coco" else "test"
 
-def coco_ground_truth(references, image_ids):
-    """The references as an in-memory pycocotools COCO: image image_ids[i] has the captions references[i]."""
+def caption_metrics(references, image_ids, results):
+    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocotools.coco import COCO
-    coco = COCO()
+    coco = COCO()  # the references, in memory: image image_ids[i] has the captions references[i]
     coco.dataset = {"images": [{"id": int(i)} for i in image_ids],
                     "annotations": [{"id": len(image_ids) * k + n, "image_id": int(i), "caption": caption}
                                     for n, (i, refs) in enumerate(zip(image_ids, references))
                                     for k, caption in enumerate(refs)]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints a line per index it builds
         coco.createIndex()
-    return coco
-
-def caption_metrics(coco, results):
-    """COCOEvalCap.evaluate without SPICE (it downloads models at run time); without Java, [a-z]+ tokens, no METEOR."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    with contextlib.redirect_stdout(io.StringIO()):
         coco_res = coco.loadRes(results)
     gts, res = ({i: c.imgToAnns[i] for i in coco.getImgIds()} for c in (coco, coco_res))
     if ptb_available():
@@ -940,9 +934,7 @@ def caption_metrics(coco, results):
     scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
     if ptb_available():
         scores["METEOR"] = meteor(gts, res)
-    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
-    return scores
+    return scores | {"ROUGE-L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
 
 def ptb_available():
     return shutil.which("java") is not None

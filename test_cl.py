@@ -516,14 +516,14 @@ def test_caption_metrics_equal_coco_eval_cap_without_spice_on_real_captions(monk
     monkeypatch.setattr(pycocoevalcap.eval, "Meteor", cl.meteor_scorer)  # the same jar: one java start (~10 s), not two
     official = pycocoevalcap.eval.COCOEvalCap(coco, coco_res)
     official.evaluate()
-    got = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
+    got = cl.caption_metrics(references, image_ids, results)
     names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4", "METEOR": "METEOR",
              "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
     assert set(got) == set(names)
     for ours, theirs in names.items():
         assert got[ours] == pytest.approx(official.eval[theirs], abs=1e-9, rel=0), ours
     monkeypatch.setattr(cl, "ptb_available", lambda: False)  # the [a-z]+ fallback is not the official score
-    az = cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)
+    az = cl.caption_metrics(references, image_ids, results)
     assert abs(az["CIDEr"] - official.eval["CIDEr"]) > 1e-3
 
 
@@ -552,7 +552,7 @@ def test_caption_metrics_without_java_use_az_tokens_and_say_so(monkeypatch, caps
                   ["A man in blue near a kite", "a guy with a kite on the beach"]]
     candidates = ["a dog on the grass", "a bus, on the road", "a man on the beach"]
     results = [{"image_id": i, "caption": c} for i, c in zip([7, 3, 5], candidates)]
-    got = cl.caption_metrics(cl.coco_ground_truth(references, [7, 3, 5]), results)
+    got = cl.caption_metrics(references, [7, 3, 5], results)
     assert "java not found" in capsys.readouterr().err and "METEOR" not in got
     gts = {7: ["a dog on the grass", "a puppy in a field"], 3: ["a red bus on the street", "a bus on a road"],
            5: ["a man in blue near a kite", "a guy with a kite on the beach"]}
@@ -921,7 +921,7 @@ def test_eval_on_coco_scores_testall_and_writes_a_coco_results_file(mle_checkpoi
     assert set(results[0]) == {"image_id", "caption"}
     references = [captions[5 * i:5 * i + 5] for i in range(10)]
     assert {k: v for k, v in scores.items() if not k.startswith("R@")} == \
-        cl.caption_metrics(cl.coco_ground_truth(references, image_ids), results)  # the file is what was scored
+        cl.caption_metrics(references, image_ids, results)  # the file is what was scored
     assert cl.captioning_test_split("flickr30k") == "test" and cl.captioning_test_split("toy") == "test"
 
 
