@@ -785,7 +785,7 @@ def prepare(args, root):
     return run
 
 def pair_batches(run, epoch):
-    """This rank's share of every global batch for the rest of the epoch, shuffled by (seed, epoch) alone."""
+    """This rank's share of each global batch left in the epoch, shuffled by (seed, epoch); a last partial one is dropped."""
     args = run.args
     order = run.pairs[np.random.default_rng([args.seed, epoch]).permutation(len(run.pairs))]
     global_batch, first_step = args.batch_size * run.world_size, run.step - epoch * run.steps_per_epoch
