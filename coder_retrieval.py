@@ -56,7 +56,7 @@ TOY_OVERRIDES = dict(
     bank_size=1024,          # ~7% of the 15k training pairs (4096 is ~3% of F30K's 145k)
     n_concepts=128,          # the toy captions hold 103 content words: all of them
     n_prototypes=300,        # ~1 cluster per 50 pairs; toy scenes repeat far more than F30K's
-    freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.5x faster steps
+    freeze_text_layers=4,    # backprop through the top 2 MiniLM layers only: 1.6x faster steps
     val_images=300)
 # Each numeric flag's range, both ends included ("> 0": positive); a float must also be finite.
 BOUNDS = dict(batch_size=(2, 10**6), embed_size=(2, 10**5), epochs=(1, 10**6), lr_update=(0, 10**6), max_len=(3, 10**5),
@@ -115,7 +115,7 @@ def build_parser():
     add("--lr", type=float, default=2e-4, help="Adam learning rate")
     add("--lr-update", type=int, default=None, help="epoch the lr drops 10x from (default: half of --epochs; toy: none)")
     add("--text-lr-scale", type=float, default=0.1, help="lr factor of the pretrained text encoder (as VSE-infinity)")
-    add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers")
+    add("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and this many lower layers (0: none)")
     add("--batch-size", type=int, default=128, help="image-caption pairs per step and process")
     add("--grad-clip", type=float, default=2.0, help="gradient norm clip (VSE++, VSE-infinity; 0: none)")
     add("--max-len", type=int, default=32, help="caption length in word pieces")
@@ -670,7 +670,7 @@ def main(argv=None):
         return evaluate_checkpoint(args.eval, args, device, root) if rank == 0 else None
     release = lock(args.out_dir) if rank == 0 else (lambda: None)  # also proves --out-dir writable
     try:
-        refuse_early(args, root, device)  # now, not hours later: banks too large, test splits that would fail
+        refuse_early(args, root, device)  # now, not hours later: banks too large, dev or test splits that would fail
         if rank == 0:  # the configuration, and each departure from the paper in force (appendix)
             print(f"CODER on {args.dataset}, {world_size} process(es), {device}: " + ", ".join(f"{k} {getattr(args, k)}"
                   for k in CONFIG_LINE) + f"; checkpoints in {args.out_dir}/", *departures(args), sep="\n")
@@ -694,6 +694,7 @@ def setup_ddp():
     rank, local_rank, world = (int(v) if v.isdigit() else 0 for v in raw.values())
     problems = {f"not a number: {bad}": bad,  # the first one found is reported
                 "RANK or LOCAL_RANK without WORLD_SIZE": {"RANK", "LOCAL_RANK"} & env.keys() and "WORLD_SIZE" not in env,
+                "WORLD_SIZE > 1 without RANK": world > 1 and "RANK" not in env,
                 f"RANK {rank} is not below WORLD_SIZE {world}": rank >= world,
                 "WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT":
                     world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT", "").isdigit())}
@@ -715,8 +716,7 @@ def setup_ddp():
     return rank, world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 def wrap_ddp(model, device):
-    """Gradients averaged over ranks. Buffers are not re-broadcast at every forward (32 MB a step for COCO's banks):
-    the queues stay equal by the gathered keys; Eq. 2's query norm keeps each rank's statistics, rank 0's are saved."""
+    """Gradients averaged; buffers not re-broadcast: the queues stay equal by the gathered keys, query-norm stats per rank."""
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})  # the older name
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
@@ -734,8 +734,8 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 def freeze_lower_layers(model, k):
-    """--freeze-text-layers: the text embeddings and k lower layers (online and momentum) are fixed, without dropout."""
-    for encoder in [model.text_encoder] + ([model.text_encoder_m] if model.bank_size else []):
+    """--freeze-text-layers k > 0: the text embeddings and k lower layers (online and momentum) are fixed, no dropout."""
+    for encoder in ([model.text_encoder] + ([model.text_encoder_m] if model.bank_size else [])) if k else []:
         for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
             module.requires_grad_(False)
             for dropout in (m for m in module.modules() if isinstance(m, nn.Dropout)):
@@ -768,7 +768,7 @@ def prepare(args, root):
     short = lambda v: str(v) if len(str(v)) <= 40 else str(v)[:37] + "..."
     if ckpt and (change := next((k for k in [*new, *old] if old.get(k) != new.get(k)), None)):
         raise DataError(f"{run.last} is another run: {change} was {short(old.get(change))}, now {short(new.get(change))}; "
-                        f"resume with the same data and flags, or pass another --out-dir")
+                        f"resume with the same data, flags and release, or pass another --out-dir")
     if ckpt:
         model, run.model_args, run.concepts = model_from_checkpoint(ckpt, features, "train"), ckpt["model_args"], ckpt["concepts"]
     else:
@@ -807,9 +807,10 @@ def after_step(run, terms, epoch):
     if run.step % 10 == 0:  # .item() waits for the device: not every step
         check_finite_loss(run)
         run.bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
-    if run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch:
+    saved = run.args.save_every and run.step % run.args.save_every == 0 and run.step < (epoch + 1) * run.steps_per_epoch
+    if saved:
         save_last(run, epoch)  # mid-epoch: a kill -9 loses at most save_every steps
-    stop_on_signal(run, epoch)
+    stop_on_signal(run, None if saved else epoch)
 
 def check_finite_loss(run):
     """The loss terms since the last look, where the loop waits anyway: a NaN or inf stops every rank, nothing saved."""
@@ -857,7 +858,7 @@ def signals_deferred():
 
 def stop_on_signal(run, epoch=None):
     """The first signal any rank got (all ask at the same points): last.pt of this step (epoch None: saved), exit."""
-    flag = torch.tensor([INTERRUPT["signal"]], device=run.device)
+    flag = torch.tensor([INTERRUPT["signal"]], device=run.device if dist.is_initialized() else "cpu")
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not int(flag):
@@ -911,9 +912,8 @@ def save_checkpoint(ckpt, path):
     finally:
         INTERRUPT["saving"] = None
 
-# A run's meaning is every flag but these, which may change on --resume (data and text encoder: by content, not path)
-EXCLUDED = {"out_dir", "resume", "save_every", "threads", "epochs", "lr_update", "eval", "data_root",
-            "text_encoder"}
+EXCLUDED = {"out_dir", "resume", "save_every", "threads", "epochs", "lr_update", "eval", "data_root",  # may change on
+            "text_encoder"}  # --resume; the data and the text encoder are fingerprinted by content, not path
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
     """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, world size."""
@@ -969,8 +969,7 @@ def resume(run, ckpt):
 EXPECTED = dict(model=dict, model_args=dict, args=dict, epoch=int, best_rsum=float, concepts=list, fingerprint=dict)
 
 def load_checkpoint(path, expect=None):
-    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): has EXPECTED's keys and types
-    (what last.pt adds, resume() checks as it reads it)."""
+    """weights_only=True never runs code from a file; `expect` ("checkpoint", "last.pt"): EXPECTED's keys and types."""
     if not Path(path).is_file():
         raise DataError(f"checkpoint {path} {'is not a file' if Path(path).exists() else 'not found'}")
     try:
@@ -1045,23 +1044,24 @@ def refuse_early(args, root, device):
 
 def load_text_model(name_or_path):
     """Tokenizer and pretrained model from a folder, the cache or the hub (asked first: transformers retries ~50 s)."""
-    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModel, AutoTokenizer
     local = os.path.isdir(name_or_path)
-    if not local and (os.sep in name_or_path and not name_or_path.count(os.sep) == 1 or name_or_path.startswith(".")):
+    if not local and (name_or_path.count(os.sep) > 1 or name_or_path.startswith((".", os.sep, "~"))):
         raise DataError(f"text encoder folder {name_or_path} not found; pass --text-encoder with a local "
                         "transformers folder or a hub name")
-    cached = local or isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
-    if not cached and not hub_reachable():
-        raise DataError(f"text encoder {name_or_path!r} is not in the transformers cache and the hub cannot be "
-                        f"reached; where there is network run `hf download {name_or_path} --local-dir FOLDER`, "
-                        f"then pass --text-encoder FOLDER")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=cached)
-        model = AutoModel.from_pretrained(name_or_path, local_files_only=cached)
-    except Exception as e:  # a broken folder, a truncated or foreign file: transformers, safetensors, json raise many types
-        raise DataError(f"cannot load text encoder {name_or_path!r} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
-                        f"; pass --text-encoder with a local transformers folder") from None
+    for cached in (True, False):  # the cache first; the hub for a hub name not (wholly) in it
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=cached)
+            model = AutoModel.from_pretrained(name_or_path, local_files_only=cached)
+            break
+        except Exception as e:  # a broken folder, a truncated or foreign file: transformers, safetensors, json raise many
+            if not cached or local or not isinstance(e, OSError):
+                raise DataError(f"cannot load text encoder {name_or_path!r} ({type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:120]}); pass --text-encoder FOLDER") from None
+            if not hub_reachable():
+                raise DataError(f"text encoder {name_or_path!r} is not in the transformers cache and the hub cannot be "
+                                f"reached; where there is network run `hf download {name_or_path} --local-dir FOLDER`, "
+                                f"then pass --text-encoder FOLDER") from None
     if tokenizer.pad_token_id is None:
         raise DataError(f"the tokenizer of {name_or_path!r} has no pad token; pass a BERT-like text encoder")
     return tokenizer, model
@@ -1101,10 +1101,10 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def bounds_error(value, low, high):
     """What is wrong with a flag's value outside its BOUNDS (None: nothing)."""
+    if isinstance(value, int):
+        return None if low <= value <= high else f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
     if value is None or math.isfinite(value) and (value > 0 if low == "> 0" else low <= value) and value <= high:
         return None
-    if isinstance(value, int):
-        return f"be at {f'least {low}' if value < low else f'most {high}'}, got {value}"
     span = ("positive" if low == "> 0" else f"at least {low}") + ("" if high == math.inf else f", at most {high}")
     return f"be {span} and finite, got {value:g}"
 

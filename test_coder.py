@@ -461,10 +461,10 @@ class LookupEncoders(nn.Module):
         super().__init__()
         self.table = nn.Parameter(captions, requires_grad=False)
 
-    def encode_images(self, regions, attention=False):
+    def encode_images(self, regions):
         return regions[:, 0], None
 
-    def encode_texts(self, ids, mask, attention=False):
+    def encode_texts(self, ids, mask):
         assert mask.all()
         return self.table[ids[:, 0]], None
 
@@ -586,6 +586,9 @@ def test_frozen_lower_layers_have_no_dropout_no_gradient_and_stay_equal_in_the_m
                   attention_probs_dropout_prob=0.5)
     torch.manual_seed(0)
     model = cr.CODER(8, 16, config, bank_size=4)
+    cr.freeze_lower_layers(model, 0)  # the paper's default: nothing frozen, every dropout kept
+    assert all(p.requires_grad for p in model.text_encoder.bert.embeddings.parameters())
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     cr.freeze_lower_layers(model, 2)
     model.train()
     ids, mask = torch.randint(5, 50, (3, 7)), torch.ones(3, 7, dtype=torch.bool)
@@ -901,6 +904,12 @@ def test_broken_text_encoders_are_one_line_errors(tiny, tmp_path):
         cr.load_text_model(str(tmp_path / "truncated"))
     with pytest.raises(DataError, match="has no pad token"):
         cr.load_text_model(str(tmp_path / "no-pad"))
+    for name in ("/bert", "~/model", "./bert", "a/b/c"):  # a folder that is not here
+        with pytest.raises(DataError, match=f"^text encoder folder {re.escape(name)} not found"):
+            cr.load_text_model(name)
+    for name in ("my model", "a--b", "x" * 200):  # not a hub name either: one line, whether the hub answers or not
+        with pytest.raises(DataError, match=f"^(cannot load )?text encoder '{re.escape(name)}' "):
+            cr.load_text_model(name)
 
 
 def test_training_steps_under_bf16_autocast_keep_finite_losses_and_float32_state(tiny, monkeypatch):
@@ -1070,6 +1079,7 @@ def test_nonsense_values_are_one_line_errors(tiny, tmp_path, expect_one_error_li
         (["--lr", "nan"], "--lr must be positive, at most 1 and finite, got nan"),
         (["--momentum", "nan"], "--momentum must be at least 0, at most 1 and finite, got nan"),
         (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--seed", "1" + "0" * 400], "--seed must be at most 4294967295, got 1000"),  # too large for a float
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--bank-size", "1000000000"], "memory banks of 1000000000 and 4 PGC prototypes would need"),
         (["--n-prototypes", "1000000000"], "memory banks of 40 and 1000000000 PGC prototypes would need"),
@@ -1085,6 +1095,8 @@ def test_damaged_data_is_a_one_line_error(tiny, tmp_path, expect_one_error_line)
     refused_in_one_line(cr.main, Path(cr.__file__), [
         (coder_run + ["--out-dir", tmp_path / "run1", "--data-root", damaged(tiny / "toy", tmp_path / "dim", "test", lambda p: np.save(p, np.load(p)[..., :8]))],
          "test region features are 8-dimensional, train's 16"),
+        (coder_run + ["--out-dir", tmp_path / "run3", "--data-root", damaged(tiny / "toy", tmp_path / "dev", "dev", lambda p: np.save(p, np.load(p)[..., :8]))],
+         "dev region features are 8-dimensional, train's 16"),
         (coder_run + ["--out-dir", tmp_path / "run0", "--data-root", damaged(tiny / "toy", tmp_path / "float64", "train", huge)],
          "train images 2 hold NaN or inf region features in float32 (1 of 60)"),  # finite in float64, inf in float32
         (coder_run + ["--out-dir", tmp_path / "run2", "--data-root", damaged(tiny / "toy", tmp_path / "none", "train", lambda p: np.save(p, np.zeros((0, 4, 16))))],
@@ -1370,7 +1382,8 @@ def test_a_signal_during_the_imports_is_one_line_and_its_status(tmp_path, signum
 
 @pytest.mark.parametrize("env, message", [
     ({"RANK": "1"}, "(RANK or LOCAL_RANK without WORLD_SIZE)"),  # it trained silently, saved nothing and exited 0
-    ({"WORLD_SIZE": "2"}, "(WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT)"),
+    ({"WORLD_SIZE": "2"}, "(WORLD_SIZE > 1 without RANK)"),  # env:// failed at once, reported as a 300 s wait
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "(WORLD_SIZE > 1 needs MASTER_ADDR and a numeric MASTER_PORT)"),
     ({"WORLD_SIZE": "abc"}, "(not a number: WORLD_SIZE='abc')"),
     ({"WORLD_SIZE": "2", "RANK": "-1"}, "(not a number: RANK='-1')"),
     ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "(RANK 2 is not below WORLD_SIZE 2)"),
@@ -1412,8 +1425,8 @@ def test_resume_refuses_another_run_in_one_line_before_anything_is_written(tiny,
     before = (out / "last.pt").read_bytes()
     refused_in_one_line(cr.main, Path(cr.__file__), [(argv + ["--out-dir", out, *flags], f"{out / 'last.pt'} is another "
                                                       f"run: {change}") for flags, change in [
-        (["--text-encoder", tmp_path / "bert3"], "text_config.num_hidden_layers was 2, now 3; resume with the same data "
-                                                 "and flags, or pass another --out-dir"),
+        (["--text-encoder", tmp_path / "bert3"], "text_config.num_hidden_layers was 2, now 3; resume with the same data, "
+                                                 "flags and release, or pass another --out-dir"),
         (["--no-concepts"], "concepts was True, now False"),  # the banner said off, the concept losses trained
         (["--data-root", tmp_path / "same-size"], "train_caps.txt was "),  # another world of the same size
         (["--lr", "1e-3"], "lr was 0.0002, now 0.001"),
