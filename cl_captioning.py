@@ -752,9 +752,11 @@ def save_last(run, epoch):
         dist.barrier()
 
 def save_checkpoint(ckpt, path):
-    nbytes = lambda o: o.nbytes if torch.is_tensor(o) else sum(map(nbytes, o.values() if isinstance(o, dict) else o)) \
-        if isinstance(o, (dict, list, tuple)) else 0
     write_atomically(path, lambda f: torch.save(ckpt, f), nbytes(ckpt), "free some space or pass another --out-dir")
+
+def nbytes(obj):
+    obj = list(obj.values()) if isinstance(obj, dict) else obj
+    return obj.nbytes if torch.is_tensor(obj) else sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 def write_atomically(path, write, size, advice):
     """Via a flushed temporary file renamed over `path`: a kill -9 or a full disk leaves the old file or the new one."""

@@ -717,9 +717,8 @@ def setup_ddp():
 
 def wrap_ddp(model, device):
     """Gradients averaged; buffers not re-broadcast: the queues stay equal by the gathered keys, query-norm stats per rank."""
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else {"broadcast_buffers": False})  # the older name
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{name: False})
 
 @torch.no_grad()
 def concat_all_gather(tensor):
@@ -735,7 +734,9 @@ def autocast(device):
 
 def freeze_lower_layers(model, k):
     """--freeze-text-layers k > 0: the text embeddings and k lower layers (online and momentum) are fixed, no dropout."""
-    for encoder in ([model.text_encoder] + ([model.text_encoder_m] if model.bank_size else [])) if k else []:
+    if not k:
+        return
+    for encoder in [model.text_encoder] + ([model.text_encoder_m] if model.bank_size else []):
         for module in [encoder.bert.embeddings, *encoder.bert.encoder.layer[:k]]:
             module.requires_grad_(False)
             for dropout in (m for m in module.modules() if isinstance(m, nn.Dropout)):
@@ -861,14 +862,14 @@ def stop_on_signal(run, epoch=None):
     flag = torch.tensor([INTERRUPT["signal"]], device=run.device if dist.is_initialized() else "cpu")
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not int(flag):
+    if not (signum := int(flag)):
         return
     if epoch is not None:
         save_last(run, epoch)
     if run.rank == 0:
-        print(f"\ninterrupted by {signal.Signals(int(flag)).name} at step {run.step}; {run.kept}; continue with the "
+        print(f"\ninterrupted by {signal.Signals(signum).name} at step {run.step}; {run.kept}; continue with the "
               f"same command plus --resume")
-    raise SystemExit(128 + int(flag))
+    raise SystemExit(128 + signum)
 
 def checkpoint(run, epoch):
     """One plain dict; `epoch` is where a resumed run goes on; the queues and momentum encoders are in the state_dict."""
@@ -912,8 +913,8 @@ def save_checkpoint(ckpt, path):
     finally:
         INTERRUPT["saving"] = None
 
-EXCLUDED = {"out_dir", "resume", "save_every", "threads", "epochs", "lr_update", "eval", "data_root",  # may change on
-            "text_encoder"}  # --resume; the data and the text encoder are fingerprinted by content, not path
+# Flags a resumed run may change (the data and the text encoder are fingerprinted by content, not path)
+EXCLUDED = {"out_dir", "resume", "save_every", "threads", "epochs", "lr_update", "eval", "data_root", "text_encoder"}
 
 def fingerprint(args, root, train_shape, dev_shape, tokenizer, text_config, world_size):
     """What decides a run, flat: flags, data (caption digests, feature shapes), text encoder, world size."""
